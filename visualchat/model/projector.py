@@ -1,0 +1,89 @@
+"""Projectors: vision patch tokens (n, num_patches, vision_width) -> LM embeddings
+(n, num_image_tokens, hidden)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+ProjectorType = Literal["linear", "mlp", "perceiver"]
+
+
+@dataclass
+class ProjectorConfig:
+    type: ProjectorType = "mlp"  # linear | mlp (2-layer GELU, LLaVA-1.5) | perceiver (Flamingo)
+    num_latents: int = 32  # perceiver: image tokens per image, whatever the patch count
+    depth: int = 2  # perceiver: cross-attention blocks
+    num_heads: int | None = None  # perceiver: None picks hidden // 64 when it divides
+
+    def __post_init__(self) -> None:
+        if self.type not in ("linear", "mlp", "perceiver"):
+            raise ValueError(f"projector type must be linear, mlp or perceiver, got {self.type!r}")
+        if self.num_latents < 1 or self.depth < 1:
+            raise ValueError("perceiver num_latents and depth must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class PerceiverBlock(nn.Module):
+    def __init__(self, hidden: int, num_heads: int) -> None:
+        super().__init__()
+        self.norm_latents = nn.LayerNorm(hidden)
+        self.norm_inputs = nn.LayerNorm(hidden)
+        self.attn = nn.MultiheadAttention(hidden, num_heads, batch_first=True)
+        self.norm_ff = nn.LayerNorm(hidden)
+        self.ff = nn.Sequential(
+            nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden)
+        )
+
+    def forward(self, latents: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        q = self.norm_latents(latents)  # (n, num_latents, hidden)
+        # Flamingo: latents attend to the patches and to themselves.
+        kv = torch.cat(
+            [self.norm_inputs(inputs), q], dim=1
+        )  # (n, num_patches + num_latents, hidden)
+        latents = latents + self.attn(q, kv, kv, need_weights=False)[0]
+        return latents + self.ff(self.norm_ff(latents))
+
+
+class PerceiverResampler(nn.Module):
+    def __init__(self, config: ProjectorConfig, vision_width: int, hidden: int) -> None:
+        super().__init__()
+        num_heads = config.num_heads or (hidden // 64 if hidden % 64 == 0 else 1)
+        if hidden % num_heads:
+            raise ValueError(f"perceiver num_heads={num_heads} must divide hidden size {hidden}")
+        self.input_proj = nn.Linear(vision_width, hidden)
+        self.latents = nn.Parameter(torch.randn(config.num_latents, hidden) * hidden**-0.5)
+        self.blocks = nn.ModuleList(PerceiverBlock(hidden, num_heads) for _ in range(config.depth))
+        self.norm = nn.LayerNorm(hidden)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        inputs = self.input_proj(patches)  # (n, num_patches, hidden)
+        latents = self.latents.unsqueeze(0).expand(patches.shape[0], -1, -1)  # (n, L, hidden)
+        for block in self.blocks:
+            latents = block(latents, inputs)
+        return self.norm(latents)
+
+
+class Projector(nn.Module):
+    def __init__(self, config: ProjectorConfig, vision_width: int, hidden: int) -> None:
+        super().__init__()
+        self.config = config
+        if config.type == "linear":
+            self.net: nn.Module = nn.Linear(vision_width, hidden)
+        elif config.type == "mlp":
+            self.net = nn.Sequential(
+                nn.Linear(vision_width, hidden), nn.GELU(), nn.Linear(hidden, hidden)
+            )
+        else:
+            self.net = PerceiverResampler(config, vision_width, hidden)
+
+    def num_output_tokens(self, num_patches: int) -> int:
+        return self.config.num_latents if self.config.type == "perceiver" else num_patches
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.net(patches)  # (n, num_image_tokens, hidden)
