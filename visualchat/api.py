@@ -44,7 +44,10 @@ class ImageFeatureCache:
         if inputs.pixel_values is None:
             return None
         with self._lock:
-            missing = [i for i, d in enumerate(inputs.image_digests) if d not in self._entries]
+            first_index: dict[str, int] = {}
+            for i, digest in enumerate(inputs.image_digests):
+                first_index.setdefault(digest, i)
+            missing = [i for d, i in first_index.items() if d not in self._entries]
             if missing:
                 with torch.inference_mode():
                     fresh = model.encode_images(inputs.pixel_values[missing])  # (m, tokens, hidden)

@@ -35,7 +35,7 @@ class IncrementalDecoder:
         safe_end = len(text)
         if text.endswith(REPLACEMENT_CHAR):
             safe_end = len(text.rstrip(REPLACEMENT_CHAR))
-        safe_end = min(safe_end, len(text) - self._partial_stop_length(text))
+        safe_end -= self._partial_stop_length(text[:safe_end])
         return self._emit(max(safe_end, self.num_emitted))
 
     def flush(self) -> str:

@@ -77,7 +77,7 @@ def load_image(
     URL, a ``data:`` URL or an ``http(s)://`` URL. ``name`` is used in error messages instead of
     a description of the source (e.g. the upload's file name).
     """
-    label = name or _describe(source)
+    label = name or describe_source(source)
     if isinstance(source, Image.Image):
         _check_pixels(source.size, label, limits)
         return _to_rgb(source, label)
@@ -110,7 +110,7 @@ def check_image_count(num_images: int, limits: ImageLimits) -> None:
         )
 
 
-def _describe(source: object) -> str:
+def describe_source(source: object) -> str:
     """A short, log-safe description of a source for error messages."""
     if isinstance(source, Image.Image):
         return f"PIL image ({source.width}x{source.height} {source.mode})"

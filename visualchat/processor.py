@@ -11,7 +11,13 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from visualchat.images import ImageLimits, check_image_count, image_digest, load_image
+from visualchat.images import (
+    ImageLimits,
+    check_image_count,
+    describe_source,
+    image_digest,
+    load_image,
+)
 from visualchat.messages import Conversation
 from visualchat.model.attention import TEXT
 from visualchat.template import ChatTemplate
@@ -76,8 +82,13 @@ class VisualChatProcessor:
         limits = limits or self.limits
         parts = conversation.images()
         check_image_count(len(parts), limits)
+        # Errors say which image ("Image 2") in the numbering the user sees, and which file.
         return [
-            load_image(part.image, limits, name=part.name or f"image {i + 1}")
+            load_image(
+                part.image,
+                limits,
+                name=f"Image {i + 1} ({part.name or describe_source(part.image)})",
+            )
             for i, part in enumerate(parts)
         ]
 

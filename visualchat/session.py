@@ -87,8 +87,9 @@ class ChatSession:
     ) -> Iterator[str]:
         parts: list[str] = []
         keep = False
-        deltas = self.backend.stream(self.conversation.copy(), params)
+        deltas: Iterator[str] | None = None
         try:
+            deltas = self.backend.stream(self.conversation.copy(), params)
             for delta in deltas:
                 parts.append(delta)
                 yield delta
@@ -102,7 +103,7 @@ class ChatSession:
                 self._rollback(rollback_user, restore)
             raise
         finally:
-            close = getattr(deltas, "close", None)
+            close = getattr(deltas, "close", None) if deltas is not None else None
             if close is not None:
                 close()  # lets an engine abort the request and free its cache blocks
             if keep:

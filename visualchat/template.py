@@ -108,11 +108,14 @@ class ChatTemplate:
                     "the backbone's chat template is not prefix-stable, so assistant replies "
                     "cannot be located for label masking"
                 )
-            start = len(before)
-            end = start + len(message["content"])
-            # Train the end-of-turn token too, so the model learns to stop.
-            if self.end_of_turn and through.startswith(self.end_of_turn, end):
-                end += len(self.end_of_turn)
+            # The reply as the template wrote it (templates may trim or escape the content),
+            # through its end-of-turn token, which is trained so the model learns to stop; what
+            # follows that token (a newline, say) is not.
+            start, end = len(before), len(through)
+            if self.end_of_turn:
+                eot = through.rfind(self.end_of_turn, start)
+                if eot != -1:
+                    end = eot + len(self.end_of_turn)
             spans.append((start, end))
         return spans
 

@@ -91,7 +91,7 @@ def mmca_attention_forward(
     attention_mask: torch.Tensor | None,  # (batch, 1, num_queries, num_keys) bool or additive
     scaling: float | None = None,
     dropout: float = 0.0,
-    token_modality: torch.Tensor | None = None,  # (batch, num_keys) tags of every key position
+    token_modality: torch.Tensor | None = None,  # (batch, >= num_keys) tags, whole sequence
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention-function signature; returns (batch, num_queries, heads, head_dim)."""
@@ -101,11 +101,13 @@ def mmca_attention_forward(
             "use attention='causal' for a plain language model"
         )
     num_queries, num_keys = query.shape[2], key.shape[2]
-    if token_modality.shape[-1] != num_keys:
+    if token_modality.shape[-1] < num_keys:
         raise ValueError(
             f"token_modality covers {token_modality.shape[-1]} positions but attention sees "
             f"{num_keys} keys (cache plus new tokens)"
         )
+    # A sliding-window layer caches only the most recent keys: they are the tail of the sequence.
+    token_modality = token_modality[:, token_modality.shape[-1] - num_keys :]
     num_groups = query.shape[1] // key.shape[1]
     key, value = _repeat_kv(key, num_groups), _repeat_kv(value, num_groups)
     key_positions = torch.arange(num_keys, device=query.device)

@@ -26,6 +26,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -111,6 +112,7 @@ def save_backbone(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fo
         with open(tmp / "config.json", "w") as f:
             json.dump(config, f, indent=2)
         save_model(model, str(tmp / WEIGHTS_NAME))
+        model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _publish_dir(tmp, folder)
     except BaseException:
@@ -125,8 +127,15 @@ def _load_backbone_folder(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         load_model(model, str(weights), strict=False)
         model.tie_weights()
+        _load_generation_config(model, folder)
         return model
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+
+
+def _load_generation_config(model: PreTrainedModel, folder: Path) -> None:
+    """Extra end-of-turn ids often live only in generation_config.json (Qwen2.5-Instruct)."""
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
 
 
 def load_backbone(
@@ -206,6 +215,7 @@ def save_pretrained(
         with open(tmp / CONFIG_NAME, "w") as f:
             json.dump(payload, f, indent=2)
         save_model(model, str(tmp / WEIGHTS_NAME))
+        model.language_model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _publish_dir(tmp, folder)
     except BaseException:
@@ -241,6 +251,7 @@ def load_pretrained(
             f"unexpected {sorted(unexpected)})"
         )
     backbone.tie_weights()
+    _load_generation_config(backbone, folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 

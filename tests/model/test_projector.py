@@ -1,0 +1,77 @@
+"""Projectors: shapes and token counts of linear, mlp and perceiver."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from factories import make_model
+
+from visualchat.model.projector import Projector, ProjectorConfig
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_linear_and_mlp_keep_one_token_per_patch(kind: str) -> None:
+    projector = Projector(ProjectorConfig(type=kind), vision_width=24, hidden=40)
+    assert projector.num_output_tokens(16) == 16
+    assert projector.num_output_tokens(49) == 49
+    out = projector(torch.randn(3, 16, 24))
+    assert out.shape == (3, 16, 40)
+
+
+def test_linear_is_one_affine_map_and_mlp_is_two_layers() -> None:
+    linear = Projector(ProjectorConfig(type="linear"), 24, 40)
+    assert isinstance(linear.net, torch.nn.Linear)
+    patches = torch.randn(2, 5, 24)
+    torch.testing.assert_close(linear(patches), patches @ linear.net.weight.T + linear.net.bias)
+    mlp = Projector(ProjectorConfig(type="mlp"), 24, 40)
+    first, act, second = mlp.net
+    expected = second(torch.nn.functional.gelu(first(patches)))
+    torch.testing.assert_close(mlp(patches), expected)
+    assert isinstance(act, torch.nn.GELU)
+
+
+@pytest.mark.parametrize("num_patches", [1, 16, 49])
+def test_perceiver_gives_num_latents_tokens_whatever_the_patch_count(num_patches: int) -> None:
+    config = ProjectorConfig(type="perceiver", num_latents=6, depth=2)
+    projector = Projector(config, vision_width=24, hidden=64).eval()
+    assert projector.num_output_tokens(num_patches) == 6
+    with torch.no_grad():
+        out = projector(torch.randn(2, num_patches, 24))
+    assert out.shape == (2, 6, 64)
+    assert torch.isfinite(out).all()
+    assert len(projector.net.blocks) == 2
+    assert projector.net.blocks[0].attn.num_heads == 1  # 64 // 64
+
+
+def test_perceiver_outputs_depend_on_the_image() -> None:
+    projector = Projector(ProjectorConfig(type="perceiver", num_latents=3), 8, 32).eval()
+    with torch.no_grad():
+        a, b = projector(torch.randn(2, 4, 8))
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_perceiver_heads_must_divide_hidden() -> None:
+    with pytest.raises(ValueError, match=r"perceiver num_heads=3 must divide hidden size 32"):
+        Projector(ProjectorConfig(type="perceiver", num_heads=3), 8, 32)
+
+
+def test_invalid_projector_type_raises() -> None:
+    with pytest.raises(
+        ValueError, match=r"projector type must be linear, mlp or perceiver, got 'qformer'"
+    ):
+        ProjectorConfig(type="qformer")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("field", ["num_latents", "depth"])
+def test_perceiver_sizes_must_be_positive(field: str) -> None:
+    with pytest.raises(ValueError, match="perceiver num_latents and depth must be positive"):
+        ProjectorConfig(type="perceiver", **{field: 0})
+
+
+@pytest.mark.parametrize(("kind", "num_tokens"), [("linear", 16), ("mlp", 16), ("perceiver", 4)])
+def test_model_image_tokens_follow_the_projector(kind: str, num_tokens: int) -> None:
+    model, _ = make_model(projector=kind)
+    assert model.num_image_tokens == num_tokens
+    with torch.no_grad():
+        features = model.encode_images(torch.randn(2, 3, 32, 32))
+    assert features.shape == (2, num_tokens, 32)

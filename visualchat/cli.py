@@ -1,0 +1,224 @@
+"""`visualchat` command line: the composition root. Heavy imports happen inside each command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from importlib import metadata
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # VisualChat never fetches weights at run time
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHAT_HELP = """commands:
+  /image PATH   attach an image to your next message (repeat for several)
+  /undo         remove the last exchange
+  /retry        generate the last reply again
+  /clear        start a new conversation
+  /exit         quit (also Ctrl-D)
+Ctrl-C while a reply streams stops it."""
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default=None, help="VisualChat checkpoint folder (default: embedded model)"
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: auto)")
+    parser.add_argument("--attention", choices=["mmca", "causal"], default=None)
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="visualchat", description="Multi-image, multi-round visual chat."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    chat = commands.add_parser("chat", help="chat in the terminal (or answer one prompt)")
+    _add_model_args(chat)
+    _add_sampling_args(chat)
+    chat.add_argument("--image", action="append", default=[], help="image for the prompt")
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("prompt", nargs="?", help="answer this one prompt and exit")
+    chat.set_defaults(run=cmd_chat)
+
+    info = commands.add_parser("info", help="versions, device and model summary")
+    _add_model_args(info)
+    info.add_argument("--no-load", action="store_true", help="do not load the model")
+    info.set_defaults(run=cmd_info)
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from visualchat import VisualChat
+
+    what = args.model or "the embedded default model"
+    print(f"loading {what} ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    vc = VisualChat.from_pretrained(
+        args.model, device=args.device, dtype=args.dtype, attention=args.attention
+    )
+    print(f"loaded in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    return vc
+
+
+def _sampling(args: argparse.Namespace):
+    from visualchat.sampling import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+
+
+def _print_stream(deltas) -> None:
+    """Print a reply as it streams; Ctrl-C stops it (the partial reply is kept)."""
+    try:
+        for delta in deltas:
+            print(delta, end="", flush=True)
+    except KeyboardInterrupt:
+        deltas.close()
+        print(" [stopped]", end="")
+    print(flush=True)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from visualchat.images import ImageError
+    from visualchat.processor import ContextLengthError
+
+    try:
+        params = _sampling(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    vc = _load(args)
+    session = vc.chat(system=args.system, params=params)
+    if args.prompt is not None:
+        try:
+            _print_stream(session.stream(args.prompt, images=args.image))
+        except (ImageError, ContextLengthError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        return 0
+    return _repl(session, list(args.image), (ImageError, ContextLengthError, ValueError))
+
+
+def _repl(session: Any, pending: list[str], user_errors: tuple[type[Exception], ...]) -> int:
+    print("VisualChat — type /help for commands.", flush=True)
+    while True:
+        try:
+            line = input(f"you{f' [{len(pending)} image(s)]' if pending else ''}> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        command, _, argument = line.partition(" ")
+        try:
+            if command in ("/exit", "/quit"):
+                return 0
+            elif command == "/help":
+                print(CHAT_HELP)
+            elif command == "/image":
+                path = os.path.expanduser(argument.strip().strip("'\""))
+                if not os.path.isfile(path):
+                    print(f"error: no such file: {path}")
+                else:
+                    pending.append(path)
+                    print(
+                        f"attached {path} (Image {session.conversation.num_images + len(pending)})"
+                    )
+            elif command == "/undo":
+                removed = session.undo()
+                print("removed the last exchange" if removed else "nothing to undo")
+            elif command == "/clear":
+                session.reset()
+                pending.clear()
+                print("new conversation")
+            elif command == "/retry":
+                print("assistant> ", end="", flush=True)
+                _print_stream(session.retry_stream())
+            elif command.startswith("/"):
+                print(f"unknown command {command}; /help lists them")
+            else:
+                print("assistant> ", end="", flush=True)
+                _print_stream(session.stream(line, images=pending))
+                pending.clear()
+        except user_errors as err:
+            print(f"\nerror: {err}")
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from visualchat import __version__
+    from visualchat.model.loading import cache_dir, embedded_gguf_path
+
+    print(f"visualchat     {__version__}")
+    print(f"python         {platform.python_version()} ({platform.machine()})")
+    for package in ("torch", "transformers", "open_clip_torch", "gguf", "peft", "accelerate"):
+        print(f"{package:<14} {_version(package)}")
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores)"
+    print(f"device         {device}")
+    try:
+        print(f"embedded gguf  {embedded_gguf_path()}")
+    except FileNotFoundError as err:
+        print(f"embedded gguf  missing: {err}")
+    print(f"cache          {cache_dir()}")
+    if args.no_load:
+        return 0
+    vc = _load(args)
+    model = vc.model
+    lm_config = model.language_model.config
+    num_params = sum(p.numel() for p in model.parameters())
+    print(f"model          {args.model or 'embedded default'}")
+    print(f"backbone       {lm_config.model_type} ({lm_config.num_hidden_layers} layers)")
+    print(f"parameters     {num_params / 1e6:.1f} M ({model.dtype}, {model.device})")
+    print(f"attention      {model.config.attention}")
+    print(f"image tokens   {model.num_image_tokens} per image")
+    print(f"context        {vc.processor.max_length} tokens")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
