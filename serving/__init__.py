@@ -1,0 +1,1 @@
+"""Serving: the FastGen-style engine and the OpenAI-compatible HTTP server."""

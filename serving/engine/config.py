@@ -1,0 +1,39 @@
+"""Engine configuration (per-request knobs live in visualchat.sampling.SamplingParams)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    max_num_batched_tokens: int | None = None  # token budget per forward; None: from latency
+    target_step_ms: float = 250.0  # latency target used to pick the budget at start-up
+    min_budget: int = 32  # never pick a budget below this (keeps prefill moving)
+    max_budget: int = 2048  # never pick a budget above this
+    chunked_prefill: bool = True  # Dynamic SplitFuse; False: whole prompts first, for comparison
+    block_size: int = 16  # tokens per KV-cache block
+    num_blocks: int | None = None  # cache size; None: max_cache_tokens / block_size
+    max_cache_tokens: int = 65536  # default cache capacity in tokens (all sequences together)
+    max_num_seqs: int = 64  # running sequences at most (decode batch size)
+    image_cache_entries: int = 256  # distinct images whose features are kept
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}"
+            )
+        if self.num_blocks is not None and self.num_blocks < 2:
+            raise ValueError(f"num_blocks must be at least 2, got {self.num_blocks}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if not 0 < self.min_budget <= self.max_budget:
+            raise ValueError("need 0 < min_budget <= max_budget")
+        if self.target_step_ms <= 0:
+            raise ValueError(f"target_step_ms must be positive, got {self.target_step_ms}")
+
+    @property
+    def resolved_num_blocks(self) -> int:
+        return self.num_blocks or max(2, self.max_cache_tokens // self.block_size)

@@ -1,0 +1,187 @@
+"""EngineLoop: the engine's step loop on a background thread, for many concurrent callers.
+
+Callers (HTTP handlers, Gradio sessions, ChatSessions) preprocess their conversation in their
+own thread (image decoding and tokenization stay off the step loop), then hand the request to
+the loop through an inbox; the loop thread owns the engine exclusively, so the engine needs no
+locks. Each request's outputs come back on its own queue. Closing a stream early aborts the
+request and frees its cache blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+from serving.engine.engine import Engine, RequestOutput
+from visualchat.images import ImageLimits
+from visualchat.messages import Conversation
+from visualchat.processor import ProcessedInputs
+from visualchat.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Submission:
+    request_id: str
+    inputs: ProcessedInputs
+    params: SamplingParams
+    sink: queue.Queue = field(default_factory=queue.Queue)  # RequestOutput | BaseException
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._inbox: queue.Queue = queue.Queue()
+        self._sinks: dict[str, queue.Queue] = {}
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="visualchat-engine", daemon=True)
+        self._thread.start()
+
+    # -- caller side --------------------------------------------------------------------------
+
+    def submit(
+        self,
+        conversation: Conversation | ProcessedInputs,
+        params: SamplingParams,
+        limits: ImageLimits | None = None,
+    ) -> tuple[str, queue.Queue]:
+        """Preprocess here (raises ImageError / ContextLengthError at once), then enqueue."""
+        if self._stopped.is_set():
+            raise RuntimeError("the engine loop is stopped")
+        inputs = (
+            conversation
+            if isinstance(conversation, ProcessedInputs)
+            else self.engine.process(conversation, limits)
+        )
+        submission = _Submission(f"loop-{next(self._ids)}", inputs, params)
+        self._inbox.put(("add", submission))
+        self._wake.set()
+        return submission.request_id, submission.sink
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def stream_outputs(
+        self,
+        conversation: Conversation | ProcessedInputs,
+        params: SamplingParams,
+        limits: ImageLimits | None = None,
+    ) -> Iterator[RequestOutput]:
+        request_id, sink = self.submit(conversation, params, limits)
+        finished = False
+        try:
+            while True:
+                item = sink.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def stream(self, conversation: Conversation, params: SamplingParams) -> Iterator[str]:
+        """Text deltas: the ChatSession backend protocol."""
+        for out in self.stream_outputs(conversation, params):
+            if out.delta:
+                yield out.delta
+
+    async def astream_outputs(
+        self,
+        conversation: Conversation | ProcessedInputs,
+        params: SamplingParams,
+        limits: ImageLimits | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Async variant for servers; cancelling the consumer aborts the request."""
+        request_id, sink = self.submit(conversation, params, limits)
+        finished = False
+        try:
+            while True:
+                item = await asyncio.to_thread(sink.get)
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    @property
+    def num_active(self) -> int:
+        """Requests submitted and not yet finished (for least-loaded routing)."""
+        return len(self._sinks) + self._inbox.qsize()
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # -- loop thread ----------------------------------------------------------------------------
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                try:
+                    self.engine.add_request(payload.inputs, payload.params, payload.request_id)
+                    self._sinks[payload.request_id] = payload.sink
+                except Exception as err:  # e.g. prompt over the cache: tell that caller only
+                    payload.sink.put(err)
+            elif self.engine.abort(payload):
+                sink = self._sinks.pop(payload, None)
+                if sink is not None:
+                    sink.put(RequestOutput(payload, "", [], True, "abort", 0, 0))
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            self._drain_inbox()
+            if not self.engine.has_unfinished_requests():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as err:  # a failed pass fails its requests, not the server
+                logger.exception("engine step failed")
+                for request_id in list(self.engine.requests):
+                    self.engine.abort(request_id)
+                    sink = self._sinks.pop(request_id, None)
+                    if sink is not None:
+                        sink.put(err)
+                continue
+            for out in outputs:
+                sink = self._sinks.get(out.request_id)
+                if sink is not None:
+                    sink.put(out)
+                    if out.finished:
+                        self._sinks.pop(out.request_id, None)
+        for request_id, sink in list(self._sinks.items()):
+            self.engine.abort(request_id)
+            sink.put(RuntimeError("the engine loop stopped"))
+        self._sinks.clear()
+
+
+class EngineBackend:
+    """ChatSession backend on a running EngineLoop: `vc_session = ChatSession(EngineBackend(l))`."""
+
+    def __init__(self, loop: EngineLoop) -> None:
+        self.loop = loop
+
+    def stream(self, conversation: Conversation, params: SamplingParams) -> Iterator[str]:
+        return self.loop.stream(conversation, params)

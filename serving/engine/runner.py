@@ -1,0 +1,129 @@
+"""ModelRunner: one forward pass over the scheduled chunks as a single flat ragged batch."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from serving.engine.kv_cache import BlockManager
+from serving.engine.paged_attention import (
+    PAGED_ATTENTION,
+    PagedBatch,
+    PagedKVStore,
+    build_group,
+    register_paged_attention,
+)
+from serving.engine.request import Request
+from serving.engine.scheduler import ScheduledChunk
+from visualchat.model.modeling import VisualChatModel
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, model: VisualChatModel, blocks: BlockManager) -> None:
+        self.model = model
+        self.blocks = blocks
+        self.mmca = model.config.attention == "mmca"
+        lm_config = model.language_model.config
+        if getattr(lm_config, "sliding_window", None) and getattr(
+            lm_config, "use_sliding_window", True
+        ):
+            logger.warning(
+                "the engine attends over the whole context; %s's sliding window is ignored",
+                lm_config.model_type,
+            )
+        num_heads = lm_config.num_attention_heads
+        head_dim = getattr(lm_config, "head_dim", None) or lm_config.hidden_size // num_heads
+        self.store = PagedKVStore(
+            num_layers=lm_config.num_hidden_layers,
+            num_slots=blocks.num_blocks * blocks.block_size,
+            num_kv_heads=getattr(lm_config, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            dtype=model.dtype,
+            device=model.device,
+        )
+        register_paged_attention()
+        model.language_model.set_attn_implementation(PAGED_ATTENTION)
+
+    def ensure_image_features(self, request: Request, encode) -> None:
+        if request.image_features is None and request.inputs.num_images:
+            request.image_features = encode(request)  # (num_images, tokens, hidden)
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Run the chunks; return logits (num_sampling_chunks, vocab) in chunk order."""
+        device = self.model.device
+        token_ids: list[int] = []
+        positions: list[int] = []
+        tags: list[int] = []
+        slots: list[int] = []
+        image_rows: list[tuple[int, Request, int, int]] = []  # (row, request, image, offset)
+        decode_group: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        prefill_groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        sample_rows: list[int] = []
+        for chunk in chunks:
+            request = chunk.request
+            first_row = len(token_ids)
+            span_starts = {s.image_index + 1: s.start for s in request.inputs.image_spans}
+            for position in range(chunk.start, chunk.start + chunk.num_tokens):
+                tag = request.modality_at(position)
+                if tag > 0:
+                    image_rows.append(
+                        (len(token_ids), request, tag - 1, position - span_starts[tag])
+                    )
+                token_ids.append(request.token_id_at(position))
+                positions.append(position)
+                tags.append(tag)
+            end = chunk.start + chunk.num_tokens
+            key_slots = self.blocks.slots(request.block_table, 0, end)  # (end,)
+            slots.extend(key_slots[chunk.start :].tolist())
+            rows = torch.arange(first_row, len(token_ids))
+            entry = (rows, torch.arange(chunk.start, end), key_slots)
+            (decode_group if chunk.num_tokens == 1 else prefill_groups).append(entry)
+            if chunk.samples:
+                sample_rows.append(len(token_ids) - 1)
+        new_slots = torch.tensor(slots, device=device)
+        self.store.tags[new_slots] = torch.tensor(tags, device=device)
+        batch = PagedBatch(store=self.store, new_slots=new_slots, mmca=self.mmca)
+        if decode_group:
+            batch.groups.append(self._group(decode_group))
+        for entry in prefill_groups:
+            batch.groups.append(self._group([entry]))
+        embeds = self._embed(token_ids, tags, image_rows)  # (1, num_tokens, hidden)
+        out = self.model.language_model(
+            inputs_embeds=embeds,
+            position_ids=torch.tensor([positions], device=device),
+            use_cache=False,
+            logits_to_keep=torch.tensor(sample_rows, dtype=torch.long, device=device),
+            paged_batch=batch,
+        )
+        return out.logits[0]  # (num_sampling_chunks, vocab)
+
+    def _group(self, entries) -> object:
+        rows, positions, key_slots = zip(*entries, strict=True)
+        device = self.model.device
+        return build_group(
+            self.store,
+            [r.to(device) for r in rows],
+            [p.to(device) for p in positions],
+            [s.to(device) for s in key_slots],
+            self.mmca,
+        )
+
+    def _embed(
+        self, token_ids: list[int], tags: list[int], image_rows: list[tuple[int, Request, int, int]]
+    ) -> torch.Tensor:
+        device = self.model.device
+        ids = torch.tensor(token_ids, device=device)
+        is_image = torch.tensor(tags, device=device) > 0
+        ids = ids.masked_fill(is_image, self.model.config.image_token_id)
+        embeds = self.model.language_model.get_input_embeddings()(ids)  # (num_tokens, hidden)
+        if image_rows:
+            rows = torch.tensor([r for r, _, _, _ in image_rows], device=device)
+            feats = torch.stack(
+                [req.image_features[image, offset] for _, req, image, offset in image_rows]
+            )  # (num_image_rows, hidden)
+            embeds[rows] = feats.to(embeds.dtype)
+        return embeds.unsqueeze(0)
