@@ -60,6 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(info)
     info.add_argument("--no-load", action="store_true", help="do not load the model")
     info.set_defaults(run=cmd_info)
+
+    bench = commands.add_parser("bench", help="benchmarks (print a table, write JSON)")
+    bench_kinds = bench.add_subparsers(dest="bench", required=True)
+    serving = bench_kinds.add_parser(
+        "serving", help="engine vs HF generate: batching, SplitFuse, single stream, curve"
+    )
+    serving.add_argument("--model", default=None, help="checkpoint folder (default: embedded)")
+    serving.add_argument("--out-dir", default="benchmarks/results")
+    serving.add_argument(
+        "--parts",
+        default="batching,splitfuse,single_stream,curve",
+        help="comma-separated subset of batching,splitfuse,single_stream,curve",
+    )
+    serving.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    serving.set_defaults(run=cmd_bench_serving)
     return parser
 
 
@@ -203,6 +218,25 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"attention      {model.config.attention}")
     print(f"image tokens   {model.num_image_tokens} per image")
     print(f"context        {vc.processor.max_length} tokens")
+    return 0
+
+
+def cmd_bench_serving(args: argparse.Namespace) -> int:
+    from serving.bench.run import BenchConfig, format_table, run_serving_bench
+
+    cfg = BenchConfig(model=args.model, out_dir=args.out_dir)
+    if args.quick:
+        cfg.num_chats, cfg.same_length, cfg.max_length = 4, 8, 16
+        cfg.num_long_prompts, cfg.long_prompt_words, cfg.stream_tokens = 1, 200, 16
+        cfg.curve_rates, cfg.curve_requests, cfg.single_stream_tokens = (1.0,), 2, 8
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    unknown = set(parts) - {"batching", "splitfuse", "single_stream", "curve"}
+    if unknown:
+        print(f"error: unknown benchmark parts {sorted(unknown)}", file=sys.stderr)
+        return 2
+    results = run_serving_bench(cfg, parts)
+    print(format_table(results))
+    print(f"wrote {results['json']}")
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Serving benchmarks (`visualchat bench serving`)."""

@@ -1,0 +1,310 @@
+"""`visualchat bench serving`: batching, SplitFuse, single stream, latency-throughput curve.
+
+All parts run in one process on the same model, so their ratios are comparable; the JSON holds
+every raw figure and the table the medians/ratios quoted in the README.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from serving.bench import workloads as wl
+from serving.engine import Engine, EngineConfig, EngineLoop
+from visualchat.api import VisualChat
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchConfig:
+    model: str | None = None  # checkpoint folder; None = embedded default
+    out_dir: str = "benchmarks/results"
+    num_chats: int = 16  # batching: concurrent chats, one image each
+    same_length: int = 64  # batching: output tokens when all lengths are equal
+    min_length: int = 8  # batching: varied output lengths in [min_length, max_length]
+    max_length: int = 256
+    long_prompt_words: int = 700  # SplitFuse: ~1,000+ prompt tokens
+    num_long_prompts: int = 4
+    long_prompt_rate: float = 0.25  # arrivals per second (Poisson)
+    num_streams: int = 4  # SplitFuse: streams decoding while long prompts arrive
+    stream_tokens: int = 96
+    ttft_sla_s: float = 20.0  # effective throughput: a request counts if it meets both
+    min_decode_rate: float = 2.0  # tokens/s after its first token
+    splitfuse_budget: int = 128
+    curve_rates: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)  # offered loads, requests/s
+    curve_requests: int = 8
+    curve_tokens: int = 32
+    single_stream_tokens: int = 64
+    seed: int = 0
+
+
+def _batching(engine: Engine, vc: VisualChat, cfg: BenchConfig) -> dict[str, Any]:
+    chats = wl.image_chats(cfg.num_chats, cfg.seed)
+    rng = random.Random(cfg.seed)
+    scenarios = {
+        "same_length": [cfg.same_length] * cfg.num_chats,
+        "varied_length": [rng.randint(cfg.min_length, cfg.max_length) for _ in chats],
+    }
+    results: dict[str, Any] = {}
+    for name, lengths in scenarios.items():
+        logger.info("batching/%s: engine", name)
+        eng = wl.run_engine(engine, chats, lengths)
+        logger.info("batching/%s: HF static batch", name)
+        hf = wl.run_hf_static(vc, chats, lengths)
+        logger.info("batching/%s: sequential reference decoder", name)
+        seq = wl.run_sequential(vc, chats, lengths)
+        results[name] = {
+            "lengths": lengths,
+            "engine_tok_s": eng.tokens_per_second,
+            "hf_static_tok_s": hf.tokens_per_second,
+            "sequential_tok_s": seq.tokens_per_second,
+            "engine_vs_hf_static": eng.tokens_per_second / hf.tokens_per_second,
+            "engine_vs_sequential": eng.tokens_per_second / seq.tokens_per_second,
+            "hf_static_vs_sequential": hf.tokens_per_second / seq.tokens_per_second,
+            "engine_equals_reference_greedy": eng.token_ids == seq.token_ids,
+        }
+    return results
+
+
+def _splitfuse_workload(cfg: BenchConfig) -> list[tuple[float, Any, int]]:
+    arrivals = [
+        (0.05 * i, c, cfg.stream_tokens) for i, c in enumerate(wl.image_chats(cfg.num_streams, 7))
+    ]
+    times = wl.poisson_arrivals(cfg.long_prompt_rate, cfg.num_long_prompts, cfg.seed, start=2.0)
+    for i, t in enumerate(times):
+        arrivals.append((t, wl.long_prompt_chat(cfg.long_prompt_words, cfg.seed + i), 16))
+    return sorted(arrivals, key=lambda a: a[0])
+
+
+def _summarise_timed(requests: list[wl.TimedRequest], cfg: BenchConfig, seconds: float) -> dict:
+    itl = [gap for r in requests for gap in r.inter_token]
+    ttft = [r.ttft for r in requests]
+    meets = [
+        r
+        for r in requests
+        if r.ttft <= cfg.ttft_sla_s
+        and (
+            len(r.token_times) < 2
+            or (len(r.token_times) - 1) / (r.token_times[-1] - r.token_times[0])
+            >= cfg.min_decode_rate
+        )
+    ]
+    tokens = sum(len(r.token_times) for r in requests)
+    return {
+        "ttft_s": wl.percentiles(ttft),
+        "inter_token_s": wl.percentiles(itl),
+        "throughput_tok_s": tokens / seconds,
+        "effective_throughput_req_s": len(meets) / seconds,
+        "num_requests": len(requests),
+        "num_meeting_sla": len(meets),
+        "max_prompt_tokens": max(r.num_prompt_tokens for r in requests),
+    }
+
+
+def _splitfuse(model, tokenizer, cfg: BenchConfig) -> dict[str, Any]:
+    results = {}
+    for chunked in (True, False):
+        engine = Engine(
+            copy.deepcopy(model),
+            tokenizer,
+            EngineConfig(max_num_batched_tokens=cfg.splitfuse_budget, chunked_prefill=chunked),
+        )
+        loop = EngineLoop(engine)
+        try:
+            started = time.perf_counter()
+            timed = wl.run_open_loop(loop, _splitfuse_workload(cfg))
+            seconds = time.perf_counter() - started
+        finally:
+            loop.shutdown()
+        results["chunked" if chunked else "unchunked"] = _summarise_timed(timed, cfg, seconds)
+    on, off = results["chunked"], results["unchunked"]
+    results["p95_itl_ratio_chunked_vs_unchunked"] = (
+        on["inter_token_s"]["p95"] / off["inter_token_s"]["p95"]
+    )
+    return results
+
+
+def _read_bandwidth() -> float:
+    """Bytes/s of streaming reads (best of 5 sums over a 512 MB tensor)."""
+    data = torch.ones(128 * 2**20, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - started)
+    return data.numel() * 4 / best
+
+
+def _single_stream(engine: Engine, cfg: BenchConfig) -> dict[str, Any]:
+    chat = wl.image_chats(1, 99)[0]
+    rates = []
+    for _ in range(3):
+        result = wl.run_engine(engine, [chat], [cfg.single_stream_tokens])
+        rates.append(result.tokens_per_second)
+    # Decode rate excluding the prompt pass: time a second request after a warm prompt.
+    loop = EngineLoop(engine)
+    try:
+        timed = wl.run_open_loop(loop, [(0.0, chat, cfg.single_stream_tokens)])[0]
+    finally:
+        loop.shutdown()
+    decode_rate = (len(timed.token_times) - 1) / (timed.token_times[-1] - timed.token_times[0])
+    lm = engine.model.language_model
+    seen, weight_bytes = set(), 0
+    for p in lm.parameters():
+        if p.data_ptr() not in seen:  # tied embeddings are read once
+            seen.add(p.data_ptr())
+            weight_bytes += p.numel() * p.element_size()
+    bandwidth = _read_bandwidth()
+    bound = bandwidth / weight_bytes
+    return {
+        "decode_tok_s": decode_rate,
+        "end_to_end_tok_s_median": sorted(rates)[1],
+        "weight_bytes": weight_bytes,
+        "read_bandwidth_gb_s": bandwidth / 1e9,
+        "bandwidth_bound_tok_s": bound,
+        "fraction_of_bound": decode_rate / bound,
+    }
+
+
+def _curve(model, tokenizer, cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
+    engine = Engine(
+        copy.deepcopy(model), tokenizer, EngineConfig(max_num_batched_tokens=cfg.splitfuse_budget)
+    )
+    loop = EngineLoop(engine)
+    points = []
+    try:
+        for rate in cfg.curve_rates:
+            times = wl.poisson_arrivals(rate, cfg.curve_requests, cfg.seed + int(rate * 100))
+            chats = wl.image_chats(cfg.curve_requests, 50 + int(rate * 100))
+            started = time.perf_counter()
+            timed = wl.run_open_loop(
+                loop, [(t, c, cfg.curve_tokens) for t, c in zip(times, chats, strict=True)]
+            )
+            seconds = time.perf_counter() - started
+            latency = [r.token_times[-1] - r.arrival for r in timed]
+            points.append(
+                {
+                    "offered_req_s": rate,
+                    "throughput_tok_s": sum(len(r.token_times) for r in timed) / seconds,
+                    "latency_s": wl.percentiles(latency),
+                    "ttft_s": wl.percentiles([r.ttft for r in timed]),
+                }
+            )
+    finally:
+        loop.shutdown()
+    _plot_curve(points, out_dir / "latency_throughput.png")
+    return {"points": points, "plot": str(out_dir / "latency_throughput.png")}
+
+
+def _plot_curve(points: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [p["throughput_tok_s"] for p in points]
+    ax.plot(xs, [p["latency_s"]["p50"] for p in points], "o-", label="p50 request latency")
+    ax.plot(xs, [p["latency_s"]["p95"] for p in points], "s--", label="p95 request latency")
+    for p, x in zip(points, xs, strict=True):
+        ax.annotate(f"{p['offered_req_s']} req/s", (x, p["latency_s"]["p50"]), fontsize=7)
+    ax.set_xlabel("throughput (output tokens/s)")
+    ax.set_ylabel("latency (s)")
+    ax.set_title("VisualChat engine, embedded model, CPU")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def run_serving_bench(cfg: BenchConfig, parts: tuple[str, ...] | None = None) -> dict[str, Any]:
+    parts = parts or ("batching", "splitfuse", "single_stream", "curve")
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    vc = VisualChat.from_pretrained(cfg.model)
+    model, tokenizer = vc.model, vc.tokenizer
+    results: dict[str, Any] = {"config": cfg.__dict__, "threads": torch.get_num_threads()}
+    engine = Engine(copy.deepcopy(model), tokenizer, EngineConfig())
+    results["engine_budget"] = engine.budget
+    if "batching" in parts:
+        results["batching"] = _batching(engine, vc, cfg)
+    if "single_stream" in parts:
+        results["single_stream"] = _single_stream(engine, cfg)
+    if "splitfuse" in parts:
+        results["splitfuse"] = _splitfuse(model, tokenizer, cfg)
+    if "curve" in parts:
+        results["curve"] = _curve(model, tokenizer, cfg, out_dir)
+    path = out_dir / "serving.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    results["json"] = str(path)
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    rows = [("measure", "value")]
+    for name, r in results.get("batching", {}).items():
+        rows += [
+            (
+                f"{name}: engine / HF static / sequential tok/s",
+                f"{r['engine_tok_s']:.1f} / {r['hf_static_tok_s']:.1f} / {r['sequential_tok_s']:.1f}",
+            ),
+            (
+                f"{name}: engine vs HF static, vs sequential",
+                f"{r['engine_vs_hf_static']:.2f}x, {r['engine_vs_sequential']:.2f}x",
+            ),
+            (f"{name}: engine greedy == reference", str(r["engine_equals_reference_greedy"])),
+        ]
+    sf = results.get("splitfuse")
+    if sf:
+        for mode in ("chunked", "unchunked"):
+            m = sf[mode]
+            rows.append(
+                (
+                    f"splitfuse {mode}: ITL p50/p95/p99 s",
+                    "/".join(f"{m['inter_token_s'][k]:.3f}" for k in ("p50", "p95", "p99")),
+                )
+            )
+            rows.append(
+                (
+                    f"splitfuse {mode}: TTFT p50/p95 s, effective req/s",
+                    f"{m['ttft_s']['p50']:.2f}/{m['ttft_s']['p95']:.2f}, {m['effective_throughput_req_s']:.3f}",
+                )
+            )
+        rows.append(
+            (
+                "splitfuse: p95 ITL chunked / unchunked",
+                f"{sf['p95_itl_ratio_chunked_vs_unchunked']:.2f}",
+            )
+        )
+    ss = results.get("single_stream")
+    if ss:
+        rows.append(
+            (
+                "single stream decode tok/s (bound)",
+                f"{ss['decode_tok_s']:.1f} ({ss['bandwidth_bound_tok_s']:.1f})",
+            )
+        )
+        rows.append(("single stream fraction of bandwidth bound", f"{ss['fraction_of_bound']:.2f}"))
+    for p in results.get("curve", {}).get("points", []):
+        rows.append(
+            (
+                f"curve {p['offered_req_s']} req/s: tok/s, p50/p95 latency s",
+                f"{p['throughput_tok_s']:.1f}, {p['latency_s']['p50']:.2f}/{p['latency_s']['p95']:.2f}",
+            )
+        )
+    width = max(len(a) for a, _ in rows)
+    return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)
