@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+from factories import make_backbone, make_model, make_tokenizer
 from peft import LoraConfig, get_peft_model
 
-from tests.factories import make_backbone, make_model, make_tokenizer
 from visualchat.model import delta, loading
 
 

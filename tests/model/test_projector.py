@@ -75,3 +75,27 @@ def test_model_image_tokens_follow_the_projector(kind: str, num_tokens: int) -> 
     with torch.no_grad():
         features = model.encode_images(torch.randn(2, 3, 32, 32))
     assert features.shape == (2, num_tokens, 32)
+
+
+def test_merge_concatenates_each_square_of_patches_in_grid_order() -> None:
+    from visualchat.model.projector import Projector, ProjectorConfig
+
+    projector = Projector(ProjectorConfig(type="linear", merge=2), vision_width=1, hidden=4)
+    patches = torch.arange(16.0).reshape(1, 16, 1)  # a 4x4 grid numbered row-major
+    merged = projector.merge_patches(patches)  # (1, 4, 4)
+    assert merged.shape == (1, 4, 4)
+    assert merged[0].tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+    assert projector.num_output_tokens(16) == 4
+    assert projector(patches).shape == (1, 4, 4)
+
+
+def test_merge_rejects_grids_it_cannot_tile() -> None:
+    import pytest
+
+    from visualchat.model.projector import Projector, ProjectorConfig
+
+    projector = Projector(ProjectorConfig(type="mlp", merge=3), vision_width=2, hidden=4)
+    with pytest.raises(ValueError, match="square patch grid divisible by 3"):
+        projector.num_output_tokens(16)
+    with pytest.raises(ValueError, match="merge applies to linear/mlp"):
+        ProjectorConfig(type="perceiver", merge=2)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -18,12 +19,20 @@ class ProjectorConfig:
     num_latents: int = 32  # perceiver: image tokens per image, whatever the patch count
     depth: int = 2  # perceiver: cross-attention blocks
     num_heads: int | None = None  # perceiver: None picks hidden // 64 when it divides
+    # linear/mlp: concatenate each merge x merge square of patches into one token before
+    # projecting (pixel shuffle, as Idefics3/InternVL do): merge**2 fewer image tokens, no
+    # information dropped. Needs a square patch grid divisible by merge.
+    merge: int = 1
 
     def __post_init__(self) -> None:
         if self.type not in ("linear", "mlp", "perceiver"):
             raise ValueError(f"projector type must be linear, mlp or perceiver, got {self.type!r}")
         if self.num_latents < 1 or self.depth < 1:
             raise ValueError("perceiver num_latents and depth must be positive")
+        if self.merge < 1:
+            raise ValueError(f"merge must be a positive integer, got {self.merge}")
+        if self.merge > 1 and self.type == "perceiver":
+            raise ValueError("merge applies to linear/mlp projectors; a perceiver sets num_latents")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,17 +82,39 @@ class Projector(nn.Module):
     def __init__(self, config: ProjectorConfig, vision_width: int, hidden: int) -> None:
         super().__init__()
         self.config = config
+        width = vision_width * config.merge**2
         if config.type == "linear":
-            self.net: nn.Module = nn.Linear(vision_width, hidden)
+            self.net: nn.Module = nn.Linear(width, hidden)
         elif config.type == "mlp":
-            self.net = nn.Sequential(
-                nn.Linear(vision_width, hidden), nn.GELU(), nn.Linear(hidden, hidden)
-            )
+            self.net = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         else:
             self.net = PerceiverResampler(config, vision_width, hidden)
 
     def num_output_tokens(self, num_patches: int) -> int:
-        return self.config.num_latents if self.config.type == "perceiver" else num_patches
+        if self.config.type == "perceiver":
+            return self.config.num_latents
+        self._check_grid(num_patches)
+        return num_patches // self.config.merge**2
+
+    def _check_grid(self, num_patches: int) -> int:
+        side = math.isqrt(num_patches)
+        merge = self.config.merge
+        if merge > 1 and (side * side != num_patches or side % merge):
+            raise ValueError(
+                f"merge={merge} needs a square patch grid divisible by {merge}, got {num_patches} patches"
+            )
+        return side
+
+    def merge_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """(n, side*side, w) -> (n, (side/m)^2, m*m*w), each m x m square of patches concatenated."""
+        merge = self.config.merge
+        if merge == 1:
+            return patches
+        n, num_patches, width = patches.shape
+        side = self._check_grid(num_patches)
+        grid = patches.reshape(n, side // merge, merge, side // merge, merge, width)
+        grid = grid.permute(0, 1, 3, 2, 4, 5)  # (n, rows, cols, m, m, w)
+        return grid.reshape(n, (side // merge) ** 2, merge * merge * width)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        return self.net(patches)  # (n, num_image_tokens, hidden)
+        return self.net(self.merge_patches(patches))  # (n, num_image_tokens, hidden)
