@@ -14,7 +14,7 @@ class EngineConfig:
     chunked_prefill: bool = True  # Dynamic SplitFuse; False: whole prompts first, for comparison
     block_size: int = 16  # tokens per KV-cache block
     num_blocks: int | None = None  # cache size; None: max_cache_tokens / block_size
-    max_cache_tokens: int = 65536  # default cache capacity in tokens (all sequences together)
+    max_cache_tokens: int = 16384  # default cache capacity in tokens (all sequences together)
     max_num_seqs: int = 64  # running sequences at most (decode batch size)
     image_cache_entries: int = 256  # distinct images whose features are kept
 

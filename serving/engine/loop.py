@@ -41,6 +41,7 @@ class EngineLoop:
         self._sinks: dict[str, queue.Queue] = {}
         self._wake = threading.Event()
         self._stopped = threading.Event()
+        self._submit_lock = threading.Lock()  # a submission never slips past shutdown
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._run, name="visualchat-engine", daemon=True)
         self._thread.start()
@@ -54,15 +55,16 @@ class EngineLoop:
         limits: ImageLimits | None = None,
     ) -> tuple[str, queue.Queue]:
         """Preprocess here (raises ImageError / ContextLengthError at once), then enqueue."""
-        if self._stopped.is_set():
-            raise RuntimeError("the engine loop is stopped")
         inputs = (
             conversation
             if isinstance(conversation, ProcessedInputs)
             else self.engine.process(conversation, limits)
         )
         submission = _Submission(f"loop-{next(self._ids)}", inputs, params)
-        self._inbox.put(("add", submission))
+        with self._submit_lock:
+            if self._stopped.is_set():
+                raise RuntimeError("the engine loop is stopped")
+            self._inbox.put(("add", submission))
         self._wake.set()
         return submission.request_id, submission.sink
 
@@ -125,7 +127,8 @@ class EngineLoop:
         return len(self._sinks) + self._inbox.qsize()
 
     def shutdown(self) -> None:
-        self._stopped.set()
+        with self._submit_lock:
+            self._stopped.set()
         self._wake.set()
         self._thread.join(timeout=10)
 
@@ -171,10 +174,18 @@ class EngineLoop:
                     sink.put(out)
                     if out.finished:
                         self._sinks.pop(out.request_id, None)
+        stopped = RuntimeError("the engine loop stopped")
         for request_id, sink in list(self._sinks.items()):
             self.engine.abort(request_id)
-            sink.put(RuntimeError("the engine loop stopped"))
+            sink.put(stopped)
         self._sinks.clear()
+        while True:  # submissions that reached the inbox but never the engine
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                payload.sink.put(stopped)
 
 
 class EngineBackend:

@@ -1,0 +1,165 @@
+"""The key property: the engine's output equals the reference decoder's token for token, for
+many concurrent multi-image multi-round requests, at any budget, with MMCA and causal
+attention, with and without chunked prefill, and under cache pressure that forces preemption."""
+
+from __future__ import annotations
+
+import pytest
+from engine_testing import (
+    WORKLOAD,
+    assert_cache_empty,
+    make_engine,
+    record_plans,
+    reference,
+    reference_output,
+    run_engine,
+)
+
+from visualchat.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=12)
+
+
+def splits_an_image_span(plans) -> bool:
+    """Some chunk starts strictly inside an image span (the span was cut between passes)."""
+    return any(
+        span.start < start < span.start + span.length
+        for plan in plans
+        for request, start, _ in plan
+        for span in request.inputs.image_spans
+    )
+
+
+def test_the_workload_is_mixed_and_mmca_changes_its_replies() -> None:
+    """Preconditions that give the comparisons below their teeth."""
+    num_images = [len(c.images()) for c in WORKLOAD]
+    assert sorted(set(num_images)) == [0, 1, 2, 3]
+    user_turns = [[m for m in c.messages if m.role == "user"] for c in WORKLOAD]
+    assert sum(any(m.images for m in turns[1:]) for turns in user_turns) >= 2
+    mmca = [reference_output(i, GREEDY, "mmca").token_ids for i in range(len(WORKLOAD))]
+    causal = [reference_output(i, GREEDY, "causal").token_ids for i in range(len(WORKLOAD))]
+    with_images = [i for i, n in enumerate(num_images) if n]
+    text_only = [i for i, n in enumerate(num_images) if not n]
+    # With images the two attentions disagree (an engine that ignored the tags would fail) ...
+    assert all(mmca[i] != causal[i] for i in with_images)
+    # ... and without images MMCA is exactly causal attention.
+    assert all(mmca[i] == causal[i] for i in text_only)
+    # Replies vary: equal streams are not equal by accident.
+    assert all(len(set(mmca[i])) >= 3 for i in range(len(WORKLOAD)))
+
+
+@pytest.mark.parametrize(
+    ("chunked_prefill", "budget"), [(True, 7), (True, 13), (True, 512), (False, 7), (False, 512)]
+)
+@pytest.mark.parametrize("attention", ["mmca", "causal"])
+def test_greedy_engine_output_equals_the_reference_decoder(
+    attention: str, chunked_prefill: bool, budget: int
+) -> None:
+    engine = make_engine(attention, max_num_batched_tokens=budget, chunked_prefill=chunked_prefill)
+    plans = record_plans(engine)
+    results, requests = run_engine(engine, [(c, GREEDY) for c in WORKLOAD])
+    for i, result in enumerate(results):
+        assert result == reference_output(i, GREEDY, attention), f"request {i}"
+    assert_cache_empty(engine)
+    assert engine.image_cache.num_encoded == 4
+    prompt_chunks = [
+        (start, num, request.num_prompt_tokens)
+        for plan in plans
+        for request, start, num in plan
+        if start < request.num_prompt_tokens
+    ]
+    if chunked_prefill:
+        assert all(sum(n for _, _, n in plan) <= budget for plan in plans)
+        if budget < 16:  # an image is 16 tokens: its span is cut between passes
+            assert splits_an_image_span(plans)
+    else:
+        assert all(start == 0 and num == length for start, num, length in prompt_chunks)
+    if budget == 512:  # the first pass takes as many whole prompts as fit, then splits one
+        lengths = [r.num_prompt_tokens for r in requests]
+        fitting = next(n for n in range(len(lengths)) if sum(lengths[: n + 1]) > 512)
+        first = [(r.request_id, start, num) for r, start, num in plans[0]]
+        expected = [(r.request_id, 0, r.num_prompt_tokens) for r in requests[:fitting]]
+        assert first[:fitting] == expected
+        if chunked_prefill:
+            assert first[fitting:] == [
+                (requests[fitting].request_id, 0, 512 - sum(lengths[:fitting]))
+            ]
+        else:
+            assert len(first) == fitting
+
+
+def test_a_budget_of_one_token_still_matches() -> None:
+    engine = make_engine("mmca", max_num_batched_tokens=1)
+    indices = [0, 1]
+    plans = record_plans(engine)
+    results, _ = run_engine(engine, [(WORKLOAD[i], GREEDY) for i in indices])
+    for i, result in zip(indices, results, strict=True):
+        assert result == reference_output(i, GREEDY)
+    assert all(len(plan) == 1 and plan[0][2] == 1 for plan in plans)
+    assert splits_an_image_span(plans)
+    assert_cache_empty(engine)
+
+
+def test_few_running_sequences_at_a_time_still_match() -> None:
+    engine = make_engine("mmca", max_num_batched_tokens=13, max_num_seqs=3)
+    plans = record_plans(engine)
+    results, _ = run_engine(engine, [(c, GREEDY) for c in WORKLOAD])
+    for i, result in enumerate(results):
+        assert result == reference_output(i, GREEDY)
+    assert max(len({id(r) for r, _, _ in plan}) for plan in plans) == 3
+    assert_cache_empty(engine)
+
+
+@pytest.mark.parametrize(
+    ("arch", "tie_word_embeddings"), [("qwen2", True), ("mistral", False), ("phi3", False)]
+)
+def test_other_backbones_match(arch: str, tie_word_embeddings: bool) -> None:
+    """Attention biases (Qwen2), fused projections (Phi-3), tied embeddings: same rule."""
+    engine = make_engine(
+        arch=arch, tie_word_embeddings=tie_word_embeddings, max_num_batched_tokens=13
+    )
+    indices = [0, 1, 5]
+    results, _ = run_engine(engine, [(WORKLOAD[i], GREEDY) for i in indices])
+    vc = reference(arch=arch, tie_word_embeddings=tie_word_embeddings)
+    for i, result in zip(indices, results, strict=True):
+        expected = vc.generate(WORKLOAD[i], GREEDY)
+        assert (result.text, result.token_ids, result.finish_reason) == (
+            expected.text,
+            expected.token_ids,
+            expected.finish_reason,
+        )
+    assert_cache_empty(engine)
+
+
+PRESSURE_PARAMS = [
+    GREEDY,
+    SamplingParams(max_tokens=20, ignore_eos=True),
+    SamplingParams(max_tokens=16, temperature=1.0, seed=11),
+    SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, top_k=40, seed=5),
+]
+
+
+@pytest.mark.parametrize(
+    ("budget", "chunked_prefill", "attention"),
+    [(13, True, "mmca"), (512, True, "causal"), (64, False, "mmca")],
+)
+def test_output_matches_under_cache_pressure_that_forces_preemption(
+    budget: int, chunked_prefill: bool, attention: str
+) -> None:
+    engine = make_engine(
+        attention,
+        max_num_batched_tokens=budget,
+        chunked_prefill=chunked_prefill,
+        num_blocks=40,  # 160 positions for ten requests of 30..110 tokens
+    )
+    prompts = [(c, PRESSURE_PARAMS[i % len(PRESSURE_PARAMS)]) for i, c in enumerate(WORKLOAD)]
+    for i, (conversation, params) in enumerate(prompts):
+        # precondition: every request fits the cache alone, so the cache never cuts a reply
+        num_tokens = engine.process(conversation).num_tokens
+        assert num_tokens + params.max_tokens < engine.capacity_tokens, i
+    results, requests = run_engine(engine, prompts)
+    for i, (result, (_, params)) in enumerate(zip(results, prompts, strict=True)):
+        assert result == reference_output(i, params, attention), f"request {i}"
+    assert sum(r.num_preemptions for r in requests) >= 1
+    assert_cache_empty(engine)
+    assert engine.image_cache.num_encoded == 4  # recomputation reuses the features
