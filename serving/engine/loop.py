@@ -105,8 +105,10 @@ class EngineLoop:
         params: SamplingParams,
         limits: ImageLimits | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Async variant for servers; cancelling the consumer aborts the request."""
-        request_id, sink = self.submit(conversation, params, limits)
+        """Async variant for servers; cancelling the consumer aborts the request. Preprocessing
+        (image decoding, tokenization) runs in a worker thread, off the event loop."""
+        # One worker thread waits per active stream (servers size their pool for it).
+        request_id, sink = await asyncio.to_thread(self.submit, conversation, params, limits)
         finished = False
         try:
             while True:
@@ -123,7 +125,8 @@ class EngineLoop:
 
     @property
     def num_active(self) -> int:
-        """Requests submitted and not yet finished (for least-loaded routing)."""
+        """Requests submitted and not yet finished (for least-loaded routing; approximate: the
+        inbox may also hold aborts)."""
         return len(self._sinks) + self._inbox.qsize()
 
     def shutdown(self) -> None:
