@@ -1,0 +1,197 @@
+"""Exact-match scorer: normalisation, family groups, exact numbers from a fake answerer, and a
+real run through the VisualChat API on a saved checkpoint."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+from training_fixtures import make_blended_dataset, make_record
+
+from tests.factories import make_model
+from training.evaluate import (
+    EvalReport,
+    TurnResult,
+    evaluate_checkpoint,
+    evaluate_records,
+    evaluation_turns,
+    family_group,
+    is_exact_match,
+    normalize_answer,
+)
+from visualchat.api import VisualChat
+from visualchat.messages import Conversation
+from visualchat.model import delta, loading
+from visualchat.sampling import SamplingParams
+
+
+@pytest.mark.parametrize(
+    ("raw", "normalized"),
+    [
+        ("red", "red"),
+        ("  Red  ", "red"),
+        ("Red.", "red"),
+        ("red!!", "red"),
+        ("red .", "red"),
+        ("Image 2", "image 2"),
+        ("image   2", "image 2"),
+        ("IMAGE 2.", "image 2"),
+        ("two\nimages", "two images"),
+        ("3", "3"),
+        ("yes, image 1", "yes, image 1"),  # inner punctuation stays
+        ("?", ""),
+        ("", ""),
+    ],
+)
+def test_normalize_answer(raw: str, normalized: str) -> None:
+    assert normalize_answer(raw) == normalized
+
+
+def test_exact_match() -> None:
+    assert is_exact_match("Image 2", "image 2.")
+    assert is_exact_match(" Blue\n", "blue")
+    assert not is_exact_match("image 2", "image 3")
+    assert not is_exact_match("dark red", "red")
+    assert not is_exact_match("2", "Image 2")
+
+
+@pytest.mark.parametrize(
+    ("family", "group"),
+    [
+        ("color", "attribute"),
+        ("shape", "attribute"),
+        ("position", "attribute"),
+        ("count", "count"),
+        ("word", "word"),
+        ("cross_which", "cross_image"),
+        ("cross_count", "cross_image"),
+        ("cross_common", "cross_image"),
+        ("caption", "other"),
+    ],
+)
+def test_family_groups(family: str, group: str) -> None:
+    assert family_group(family) == group
+
+
+def test_evaluation_turns_give_the_conversation_up_to_each_reply() -> None:
+    record = make_record(1, multi=True)  # two images; "Image 2", then "green"
+    turns = list(evaluation_turns(record))
+    assert [(t, f, gold) for t, f, _, gold in turns] == [
+        (0, "cross_which", "Image 2"),
+        (1, "color", "green"),
+    ]
+    first, second = turns[0][2], turns[1][2]
+    assert [m.role for m in first.messages] == ["user"]
+    assert [m.role for m in second.messages] == ["user", "assistant", "user"]
+    assert second.messages[1].text == "Image 2"  # earlier turns carry the gold reply
+    assert first.num_images == second.num_images == 2
+
+
+@dataclass
+class Reply:
+    text: str
+
+
+class FakeAnswerer:
+    """Answers from a table keyed by the last user message; records what it was asked."""
+
+    def __init__(self, answers: dict[str, str]) -> None:
+        self.answers = answers
+        self.asked: list[Conversation] = []
+
+    def generate(self, conversation: Conversation, params: SamplingParams) -> Reply:
+        assert params.is_greedy
+        self.asked.append(conversation)
+        return Reply(self.answers.get(conversation.messages[-1].text, "no idea"))
+
+
+def test_exact_numbers_per_family_group_and_overall(tmp_path) -> None:
+    # Records 0-2 and 4-6: one image, gold red, green, blue, green, blue, red. Records 3 and 7:
+    # two images (red + green, green + blue), a cross_which turn, then Image 1's colour.
+    folder = make_blended_dataset(tmp_path, 8, multi_every=4)
+    answers = {
+        "What color is the image?": "Red.",  # right for records 0 and 6 only
+        "Which image is green?": "Image 1",  # record 3: wrong (Image 2)
+        "Which image is blue?": "image 2",  # record 7: right
+        "What color is Image 1?": "GREEN",  # record 3 (red): wrong; record 7 (green): right
+    }
+    fake = FakeAnswerer(answers)
+    report = evaluate_checkpoint(fake, folder)
+    assert len(fake.asked) == 10  # 6 single-turn records + 2 records x 2 turns
+    assert {name: (s.num_correct, s.num_total) for name, s in report.by_family().items()} == {
+        "color": (3, 8),
+        "cross_which": (1, 2),
+    }
+    assert {name: (s.num_correct, s.num_total) for name, s in report.by_group().items()} == {
+        "attribute": (3, 8),
+        "cross_image": (1, 2),
+    }
+    overall = report.overall()
+    assert (overall.num_correct, overall.num_total, overall.accuracy) == (4, 10, 0.4)
+    assert report.table() == "\n".join(
+        [
+            "group        family       correct  total  accuracy",
+            "attribute    color              3      8     37.5%",
+            "attribute    (all)              3      8     37.5%",
+            "cross_image  cross_which        1      2     50.0%",
+            "cross_image  (all)              1      2     50.0%",
+            "overall                         4     10     40.0%",
+        ]
+    )
+    data = json.loads(report.to_json())
+    assert data["overall"] == {"correct": 4, "total": 10, "accuracy": 0.4}
+    assert data["groups"]["cross_image"] == {"correct": 1, "total": 2, "accuracy": 0.5}
+    assert data["results"][3] == {
+        "id": "rec-3",
+        "turn": 0,
+        "family": "cross_which",
+        "prediction": "Image 1",
+        "gold": "Image 2",
+        "correct": False,
+    }
+    assert data["results"][8]["id"] == "rec-7" and data["results"][8]["correct"] is True
+    limited = evaluate_checkpoint(FakeAnswerer(answers), folder, max_samples=2)
+    assert [(r.record_id, r.turn) for r in limited.results] == [("rec-0", 0), ("rec-1", 0)]
+
+
+def test_groups_without_questions_are_left_out_and_unknown_families_are_other() -> None:
+    report = EvalReport(
+        [
+            TurnResult("a", 0, "count", "3", "3"),
+            TurnResult("a", 1, "word", "cat", "dog"),
+            TurnResult("b", 0, "caption", "x", "x"),
+        ]
+    )
+    assert list(report.by_group()) == ["count", "word", "other"]
+    assert report.by_group()["other"].accuracy == 1.0
+    assert report.table().splitlines()[-1].split() == ["overall", "2", "3", "66.7%"]
+    assert EvalReport().overall().accuracy == 0.0
+    # No family given for a turn, or "" (data_blend's "unknown"): family "unknown".
+    records = [dict(make_record(0), families=[]), dict(make_record(1), families=[""])]
+    results = evaluate_records(FakeAnswerer({}), records).results
+    assert [(r.family, r.prediction, r.is_correct) for r in results] == [
+        ("unknown", "no idea", False)
+    ] * 2
+
+
+def test_a_checkpoint_path_is_scored_through_the_visualchat_api(tmp_path, backbone_dir) -> None:
+    model, _ = make_model(seed=4)
+    backbone, _ = loading.load_backbone(backbone_dir)
+    model.language_model = backbone
+    delta.save_delta(model, tmp_path / "delta", base_backbone=str(backbone_dir))
+    folder = make_blended_dataset(tmp_path, 4, multi_every=4)
+    report = evaluate_checkpoint(tmp_path / "delta", folder, max_samples=4, max_tokens=3)
+    assert [(r.record_id, r.turn) for r in report.results] == [
+        ("rec-0", 0),
+        ("rec-1", 0),
+        ("rec-2", 0),
+        ("rec-3", 0),
+        ("rec-3", 1),
+    ]
+    chat = VisualChat.from_pretrained(tmp_path / "delta")
+    params = SamplingParams(max_tokens=3)
+    for result in report.results:
+        record = make_record(int(result.record_id.split("-")[1]), multi=result.record_id == "rec-3")
+        conversation = list(evaluation_turns(record))[result.turn][2]
+        assert result.prediction == chat.generate(conversation, params).text

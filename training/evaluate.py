@@ -1,0 +1,222 @@
+"""Exact-match scoring of held-out conversations, per question family and family group.
+
+Every assistant turn of a held-out record is one question: the model answers the conversation
+up to that turn (earlier turns carry the gold replies, as in training) and the answer is right
+when it equals the record's reply after `normalize_answer`. Answers come from anything with
+`generate(conversation, params) -> object with .text` -- `visualchat.api.VisualChat` (the
+reference decoder) today, the serving engine later -- so the scorer never touches tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from visualchat.messages import Conversation
+from visualchat.processor import ContextLengthError
+from visualchat.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# Question families of the blended data, grouped the way results are reported.
+FAMILY_GROUPS: dict[str, tuple[str, ...]] = {
+    "attribute": ("color", "shape", "position"),  # single-image attributes
+    "count": ("count",),
+    "word": ("word",),
+    "cross_image": ("cross_which", "cross_count", "cross_common"),
+}
+OTHER_GROUP = "other"  # families outside FAMILY_GROUPS
+UNKNOWN_FAMILY = "unknown"  # a turn the record gives no family for
+_TRAILING = re.compile(r"[\s.,!?;:]+$")
+
+
+class Answerer(Protocol):
+    def generate(self, conversation: Conversation, params: SamplingParams) -> Any: ...
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, whitespace collapsed, trailing punctuation dropped: " Image  2." -> "image 2"."""
+    return _TRAILING.sub("", " ".join(text.split()).lower())
+
+
+def is_exact_match(prediction: str, gold: str) -> bool:
+    return normalize_answer(prediction) == normalize_answer(gold)
+
+
+def family_group(family: str) -> str:
+    for group, families in FAMILY_GROUPS.items():
+        if family in families:
+            return group
+    return OTHER_GROUP
+
+
+@dataclass
+class TurnResult:
+    record_id: str
+    turn: int  # 0-based assistant turn within the record
+    family: str
+    prediction: str
+    gold: str
+
+    @property
+    def is_correct(self) -> bool:
+        return is_exact_match(self.prediction, self.gold)
+
+
+@dataclass
+class Score:
+    num_correct: int = 0
+    num_total: int = 0
+
+    @property
+    def accuracy(self) -> float:
+        return self.num_correct / self.num_total if self.num_total else 0.0
+
+    def add(self, is_correct: bool) -> None:
+        self.num_correct += int(is_correct)
+        self.num_total += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"correct": self.num_correct, "total": self.num_total, "accuracy": self.accuracy}
+
+
+@dataclass
+class EvalReport:
+    results: list[TurnResult] = field(default_factory=list)
+
+    def by_family(self) -> dict[str, Score]:
+        scores: dict[str, Score] = {}
+        for result in self.results:
+            scores.setdefault(result.family, Score()).add(result.is_correct)
+        return dict(sorted(scores.items()))
+
+    def by_group(self) -> dict[str, Score]:
+        """Groups in FAMILY_GROUPS order (then "other"); groups with no question are left out."""
+        scores: dict[str, Score] = {}
+        for result in self.results:
+            scores.setdefault(family_group(result.family), Score()).add(result.is_correct)
+        order = [*FAMILY_GROUPS, OTHER_GROUP]
+        return {group: scores[group] for group in order if group in scores}
+
+    def overall(self) -> Score:
+        score = Score()
+        for result in self.results:
+            score.add(result.is_correct)
+        return score
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "overall": self.overall().to_dict(),
+            "groups": {name: s.to_dict() for name, s in self.by_group().items()},
+            "families": {name: s.to_dict() for name, s in self.by_family().items()},
+            "results": [
+                {
+                    "id": r.record_id,
+                    "turn": r.turn,
+                    "family": r.family,
+                    "prediction": r.prediction,
+                    "gold": r.gold,
+                    "correct": r.is_correct,
+                }
+                for r in self.results
+            ],
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
+
+    def table(self) -> str:
+        """Plain-text table: each group's families, the group total, then the overall line."""
+        rows = [("group", "family", "correct", "total", "accuracy")]
+        families = self.by_family()
+        for group, score in self.by_group().items():
+            for name, family_score in families.items():
+                if family_group(name) == group:
+                    rows.append((group, name, *_cells(family_score)))
+            rows.append((group, "(all)", *_cells(score)))
+        rows.append(("overall", "", *_cells(self.overall())))
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        lines = []
+        for row in rows:
+            left = [cell.ljust(w) for cell, w in zip(row[:2], widths[:2], strict=True)]
+            right = [cell.rjust(w) for cell, w in zip(row[2:], widths[2:], strict=True)]
+            lines.append("  ".join(left + right).rstrip())
+        return "\n".join(lines)
+
+
+def _cells(score: Score) -> tuple[str, str, str]:
+    return str(score.num_correct), str(score.num_total), f"{100 * score.accuracy:.1f}%"
+
+
+def evaluation_turns(
+    record: Mapping[str, Any],
+) -> Iterable[tuple[int, str, Conversation, str]]:
+    """(turn, family, conversation before the reply, gold reply) per assistant turn."""
+    conversation = Conversation.from_hf(record["messages"], record.get("images") or [])
+    families = list(record.get("families") or [])
+    turn = 0
+    for index, message in enumerate(conversation.messages):
+        if message.role != "assistant":
+            continue
+        # data_blend writes "" for a turn of unknown family.
+        family = (families[turn] if turn < len(families) else "") or UNKNOWN_FAMILY
+        yield turn, family, Conversation(conversation.messages[:index]), message.text
+        turn += 1
+
+
+def evaluate_records(
+    chat: Answerer,
+    records: Iterable[Mapping[str, Any]],
+    max_tokens: int = 32,
+    progress: bool = False,
+) -> EvalReport:
+    """Greedy answers to every assistant turn of `records`, scored by exact match."""
+    from tqdm.auto import tqdm
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    report = EvalReport()
+    for index, record in enumerate(tqdm(records, desc="eval", disable=not progress)):
+        record_id = str(record.get("id", index))
+        for turn, family, conversation, gold in evaluation_turns(record):
+            try:
+                prediction = chat.generate(conversation, params).text
+            except ContextLengthError as err:
+                logger.warning("record %s turn %d does not fit: %s", record_id, turn, err)
+                prediction = ""
+            report.results.append(TurnResult(record_id, turn, family, prediction, gold))
+    return report
+
+
+def evaluate_checkpoint(
+    model_or_path: Answerer | tuple[Any, Any] | str | os.PathLike,
+    data_path: str | os.PathLike,
+    max_samples: int | None = None,
+    max_tokens: int = 32,
+    device: str | None = None,
+    dtype: str | None = None,
+    progress: bool = False,
+) -> EvalReport:
+    """Score a model on a held-out blended dataset folder.
+
+    model_or_path: a VisualChat (or any Answerer, e.g. the engine), a (VisualChatModel,
+    tokenizer) pair, or a checkpoint folder (full or delta). max_samples: records scored, from
+    the start of the dataset (None: all)."""
+    from training.data import open_blended
+    from visualchat.api import VisualChat
+
+    if isinstance(model_or_path, str | os.PathLike):
+        chat: Answerer = VisualChat.from_pretrained(model_or_path, device=device, dtype=dtype)
+    elif isinstance(model_or_path, tuple):
+        chat = VisualChat(*model_or_path)
+    else:
+        chat = model_or_path
+    dataset = open_blended(data_path)
+    count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+    return evaluate_records(
+        chat, (dataset[i] for i in range(count)), max_tokens=max_tokens, progress=progress
+    )
