@@ -148,7 +148,7 @@ def save_checkpoint(
     keep: int,
 ) -> Path:
     final = root / step_dir_name(state.global_step)
-    tmp = loading._atomic_dir(final)
+    tmp = loading.atomic_dir(final)
     try:
         save_file(
             {name: t.detach().contiguous().cpu() for name, t in tensors.items()},
@@ -159,7 +159,7 @@ def save_checkpoint(
         (tmp / CONFIG_NAME).write_text(config_yaml)
         # state.json last: a folder with it is complete (list_checkpoints relies on that).
         (tmp / STATE_NAME).write_text(json.dumps(asdict(state), indent=2))
-        loading._publish_dir(tmp, final)
+        loading.publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -166,3 +166,41 @@ def pretrain_vision(
     vision.eval()
     cfg.history = history
     return history
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m training.vision_pretraining --out runs/embedded/vision.safetensors`: pretrain
+    the embedded default's ViT and save its weights (atomically) with the loss history."""
+    import argparse
+    import json
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from visualchat.model.loading import EMBEDDED_SEED, EMBEDDED_VISION
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=VisionPretrainConfig.steps)
+    parser.add_argument("--batch-size", type=int, default=VisionPretrainConfig.batch_size)
+    parser.add_argument("--lr", type=float, default=VisionPretrainConfig.lr)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.manual_seed(EMBEDDED_SEED)
+    vision = VisionTower(type(EMBEDDED_VISION)(custom=dict(EMBEDDED_VISION.custom)))
+    cfg = VisionPretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+    history = pretrain_vision(vision, cfg)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file({k: v.contiguous() for k, v in vision.state_dict().items()}, str(tmp))
+    os.replace(tmp, out)
+    log = out.with_suffix(".history.json")
+    log.write_text(json.dumps(history, indent=2) + "\n")
+    print(f"wrote {out} ({history[-1]})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -50,7 +51,7 @@ def save_delta(
 ) -> None:
     """Write vision, projector and (if the language model is a peft model) its LoRA adapter."""
     folder = Path(folder)
-    tmp = loading._atomic_dir(folder)
+    tmp = loading.atomic_dir(folder)
     try:
         payload = {"visualchat": model.config.to_dict(), "base_backbone": base_backbone}
         with open(tmp / loading.CONFIG_NAME, "w") as f:
@@ -64,15 +65,20 @@ def save_delta(
         language_model = model.language_model
         if hasattr(language_model, "peft_config"):
             language_model.save_pretrained(str(tmp / ADAPTER_DIR))
-        loading._publish_dir(tmp, folder)
+        loading.publish_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 def load_base_backbone(base_backbone: str, options: loading.LoadOptions):
+    """The base a delta was trained on: "embedded", a backbone (HF folder / .gguf), or a full
+    VisualChat checkpoint (whose language model is the base)."""
     if base_backbone == EMBEDDED:
         return loading.load_backbone(loading.embedded_gguf_path(), options)
+    if loading.is_checkpoint(base_backbone) and not is_delta(base_backbone):
+        model, tokenizer = loading.load_pretrained(base_backbone, options)
+        return model.language_model, tokenizer
     return loading.load_backbone(base_backbone, options)
 
 
@@ -88,7 +94,10 @@ def load_delta(
     if (folder / ADAPTER_DIR).is_dir():
         from peft import PeftModel
 
-        backbone = PeftModel.from_pretrained(backbone, str(folder / ADAPTER_DIR)).merge_and_unload()
+        with warnings.catch_warnings():  # peft 0.21 calls an API transformers 5 deprecates
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            adapted = PeftModel.from_pretrained(backbone, str(folder / ADAPTER_DIR))
+        backbone = adapted.merge_and_unload()
     model = VisualChatModel(config, backbone)
     state = load_file(str(folder / loading.WEIGHTS_NAME))
     expected = {k for k in model.state_dict() if k.startswith(TRAINED_PREFIXES)}

@@ -90,12 +90,13 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def _atomic_dir(final: Path) -> Path:
+def atomic_dir(final: Path) -> Path:
+    """A temp folder beside `final`; fill it, then `publish_dir(tmp, final)`."""
     final.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
 
 
-def _publish_dir(tmp: Path, final: Path) -> None:
+def publish_dir(tmp: Path, final: Path) -> None:
     """Swap a finished temp folder into place; a reader never sees a half-written one."""
     if final.exists():
         old = final.with_name(f".{final.name}.old.{os.getpid()}")
@@ -110,7 +111,7 @@ def save_backbone(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fo
     """Write a backbone as a plain HF folder. GGUF-loaded models refuse `save_pretrained`, so
     weights go through safetensors directly (tied tensors stored once)."""
     folder = Path(folder)
-    tmp = _atomic_dir(folder)
+    tmp = atomic_dir(folder)
     try:
         config = model.config.to_dict()
         config.pop("quantization_config", None)
@@ -119,7 +120,7 @@ def save_backbone(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fo
         save_model(model, str(tmp / WEIGHTS_NAME))
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        _publish_dir(tmp, folder)
+        publish_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -212,7 +213,7 @@ def save_pretrained(
     model: VisualChatModel, tokenizer: PreTrainedTokenizerBase, folder: str | os.PathLike
 ) -> None:
     folder = Path(folder)
-    tmp = _atomic_dir(folder)
+    tmp = atomic_dir(folder)
     try:
         backbone_config = model.language_model.config.to_dict()
         backbone_config.pop("quantization_config", None)
@@ -222,7 +223,7 @@ def save_pretrained(
         save_model(model, str(tmp / WEIGHTS_NAME))
         model.language_model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        _publish_dir(tmp, folder)
+        publish_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -279,3 +280,8 @@ def load_embedded_default(
     backbone, tokenizer = load_backbone(embedded_gguf_path(), options)
     model = build_model(embedded_config(), backbone, seed=EMBEDDED_SEED)
     return model, tokenizer
+
+
+# Older private names, kept for callers written before they were public.
+_atomic_dir = atomic_dir
+_publish_dir = publish_dir
