@@ -131,15 +131,21 @@ def paged_attention_forward(
     flat_query = query[0].transpose(0, 1)  # (num_tokens, heads, head_dim)
     out = torch.zeros_like(flat_query)
     for group in paged_batch.groups:
-        q = flat_query[group.query_index].transpose(1, 2)  # (b, heads, q, d)
-        k = store.keys[layer][group.key_slots]  # (b, k, kv_heads, d)
-        v = store.values[layer][group.key_slots]
-        groups = num_heads // k.shape[2]
-        k = k.transpose(1, 2).repeat_interleave(groups, dim=1).to(q.dtype)  # (b, heads, k, d)
-        v = v.transpose(1, 2).repeat_interleave(groups, dim=1).to(q.dtype)
-        attended = mmca_attention(q, k, v, group.text_part, group.image_part, scaling)
+        k = store.keys[layer][group.key_slots].transpose(1, 2)  # (b, kv_heads, k, d)
+        v = store.values[layer][group.key_slots].transpose(1, 2)
+        b, kv_heads, num_q = k.shape[0], k.shape[1], group.query_index.shape[1]
+        shared = num_heads // kv_heads  # query heads per kv head (grouped-query attention)
+        # Query head h uses kv head h // shared: fold each kv head's query heads into its rows,
+        # so K and V are read once per kv head instead of copied per query head.
+        q = flat_query[group.query_index]  # (b, q, heads, d)
+        q = q.view(b, num_q, kv_heads, shared, head_dim).permute(0, 2, 3, 1, 4)
+        q = q.reshape(b, kv_heads, shared * num_q, head_dim)  # (b, kv_heads, shared*q, d)
+        text_part = group.text_part.repeat(1, 1, shared, 1)  # (b, 1, shared*q, k)
+        image_part = group.image_part.repeat(1, 1, shared, 1)
+        attended = mmca_attention(q, k.to(q.dtype), v.to(q.dtype), text_part, image_part, scaling)
+        attended = attended.view(b, kv_heads, shared, num_q, head_dim).permute(0, 3, 1, 2, 4)
         rows = group.query_index[group.query_valid]  # (n,)
-        out[rows] = attended.transpose(1, 2)[group.query_valid]  # (n, heads, d)
+        out[rows] = attended.reshape(b, num_q, num_heads, head_dim)[group.query_valid]
     return out.unsqueeze(0), None  # (1, num_tokens, heads, head_dim)
 
 
