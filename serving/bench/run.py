@@ -33,14 +33,14 @@ class BenchConfig:
     same_length: int = 64  # batching: output tokens when all lengths are equal
     min_length: int = 8  # batching: varied output lengths in [min_length, max_length]
     max_length: int = 256
-    long_prompt_words: int = 700  # SplitFuse: ~1,000+ prompt tokens
-    num_long_prompts: int = 4
-    long_prompt_rate: float = 0.25  # arrivals per second (Poisson)
-    num_streams: int = 4  # SplitFuse: streams decoding while long prompts arrive
-    stream_tokens: int = 96
+    long_prompt_words: int = 1000  # SplitFuse: ~1,050 prompt tokens each
+    num_long_prompts: int = 6
+    long_prompt_rate: float = 0.3  # arrivals per second (Poisson)
+    num_streams: int = 6  # SplitFuse: streams decoding while long prompts arrive
+    stream_tokens: int = 128
     ttft_sla_s: float = 20.0  # effective throughput: a request counts if it meets both
     min_decode_rate: float = 2.0  # tokens/s after its first token
-    splitfuse_budget: int = 128
+    splitfuse_budget: int | None = None  # None: the engine's own pick from its latency target
     curve_rates: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)  # offered loads, requests/s
     curve_requests: int = 8
     curve_tokens: int = 32
@@ -102,6 +102,7 @@ def _summarise_timed(requests: list[wl.TimedRequest], cfg: BenchConfig, seconds:
     tokens = sum(len(r.token_times) for r in requests)
     return {
         "ttft_s": wl.percentiles(ttft),
+        "max_inter_token_s": max(itl, default=0.0),
         "inter_token_s": wl.percentiles(itl),
         "throughput_tok_s": tokens / seconds,
         "effective_throughput_req_s": len(meets) / seconds,
