@@ -127,7 +127,9 @@ def _splitfuse(model, tokenizer, cfg: BenchConfig) -> dict[str, Any]:
             seconds = time.perf_counter() - started
         finally:
             loop.shutdown()
-        results["chunked" if chunked else "unchunked"] = _summarise_timed(timed, cfg, seconds)
+        summary = _summarise_timed(timed, cfg, seconds)
+        summary["budget"] = engine.budget
+        results["chunked" if chunked else "unchunked"] = summary
     on, off = results["chunked"], results["unchunked"]
     results["p95_itl_ratio_chunked_vs_unchunked"] = (
         on["inter_token_s"]["p95"] / off["inter_token_s"]["p95"]
@@ -279,6 +281,7 @@ def format_table(results: dict[str, Any]) -> str:
                     "/".join(f"{m['inter_token_s'][k]:.3f}" for k in ("p50", "p95", "p99")),
                 )
             )
+            rows.append((f"splitfuse {mode}: longest stall s", f"{m['max_inter_token_s']:.2f}"))
             rows.append(
                 (
                     f"splitfuse {mode}: TTFT p50/p95 s, effective req/s",
