@@ -3,6 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CHROMIUM := /usr/bin/chromium
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -19,8 +20,12 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# Debian's Chromium for the browser tests (Playwright drives it; it never downloads a browser).
+$(CHROMIUM):
+	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
+
 demo: install
-	$(BIN)/visualchat chat
+	$(BIN)/visualchat ui
 
 lint: install
 	$(BIN)/ruff check .
@@ -30,10 +35,10 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint
+test: lint $(CHROMIUM)
 	$(BIN)/python -m pytest -m "not slow" -q
 
-test-all: lint
+test-all: lint $(CHROMIUM)
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -82,13 +82,42 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-cache-tokens", type=int, default=16384)
     serve.add_argument("--device", default=None)
     serve.add_argument("--dtype", default=None)
+    serve.add_argument("--ui", action="store_true", help="also serve the web chat at /ui")
     serve.set_defaults(run=cmd_serve)
+
+    ui = commands.add_parser("ui", help="the web chat (Gradio) in your browser")
+    ui.add_argument("model", nargs="?", default=None, help="checkpoint folder (default: embedded)")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=7860)
+    ui.add_argument("--device", default=None)
+    ui.add_argument("--dtype", default=None)
+    ui.set_defaults(run=cmd_ui)
 
     blend = commands.add_parser("blend", help="build a blended multi-image dataset from a recipe")
     blend.add_argument("recipe", help="blend recipe YAML (see data_blend/recipes/)")
     _add_model_args(blend)  # the model whose tokenizer and image tokens measure lengths
     blend.add_argument("--no-progress", action="store_true")
     blend.set_defaults(run=cmd_blend)
+
+    quantize = commands.add_parser(
+        "quantize", help="write a checkpoint with a weight-only quantized backbone"
+    )
+    quantize.add_argument("model", help="'embedded' (the embedded default) or a checkpoint folder")
+    quantize.add_argument(
+        "--format",
+        required=True,
+        choices=["fp6_e3m2", "fp5_e2m2", "fp4_e2m1", "int8", "int4"],
+        help="weight format of the backbone's linear layers",
+    )
+    quantize.add_argument("--lorc-rank", type=int, default=0, help="LoRC rank (0: none)")
+    quantize.add_argument("-o", "--output", required=True, help="output checkpoint folder")
+    quantize.add_argument(
+        "--skip",
+        default="vision,projector,lm_head,embed_tokens",
+        help="comma-separated module-name parts left in full precision",
+    )
+    quantize.add_argument("--dtype", default=None, help="dtype of the unquantized tensors")
+    quantize.set_defaults(run=cmd_quantize)
 
     bench = commands.add_parser("bench", help="benchmarks (print a table, write JSON)")
     bench_kinds = bench.add_subparsers(dest="bench", required=True)
@@ -104,6 +133,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serving.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     serving.set_defaults(run=cmd_bench_serving)
+    quant = bench_kinds.add_parser(
+        "quant", help="weight formats: bytes, SQNR, perplexity, held-out accuracy, decode speed"
+    )
+    quant.add_argument("--model", default=None, help="checkpoint folder (default: embedded)")
+    quant.add_argument("--formats", default="fp6_e3m2,fp5_e2m2,fp4_e2m1,int8,int4")
+    quant.add_argument("--lorc-rank", type=int, default=8, help="rank of the LoRC rows (0: none)")
+    quant.add_argument("--max-text-tokens", type=int, default=4096)
+    quant.add_argument("--window", type=int, default=512, help="perplexity window (tokens)")
+    quant.add_argument("--stride", type=int, default=512, help="perplexity window step")
+    quant.add_argument("--decode-tokens", type=int, default=32)
+    quant.add_argument("--skip-accuracy", action="store_true")
+    quant.add_argument("--eval-data", default="data/blends/embedded_heldout")
+    quant.add_argument(
+        "--max-eval-samples",
+        type=int,
+        default=24,
+        help="held-out records per variant, from the start (the families cycle every 8)",
+    )
+    quant.add_argument(
+        "--eval-max-tokens",
+        type=int,
+        default=8,
+        help="reply tokens per question (gold answers are at most 4 tokens)",
+    )
+    quant.add_argument("--out", default="benchmarks/results/quant.json")
+    quant.set_defaults(run=cmd_bench_quant)
     return parser
 
 
@@ -260,7 +315,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_cache_tokens=args.max_cache_tokens,
     )
     print(f"serving on http://{args.host}:{args.port}/v1 (GET /health is 503 until loaded)")
-    serve(
+    run = serve
+    if args.ui:  # the web chat beside the API, on the same port
+        from app.launch import UI_PATH, serve_with_ui
+
+        run = serve_with_ui
+        print(f"web chat on http://{args.host}:{args.port}{UI_PATH}")
+    run(
         args.model,
         host=args.host,
         port=args.port,
@@ -272,6 +333,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
     )
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from app.launch import launch_ui
+
+    print(f"loading {args.model or 'the embedded default model'} ...", file=sys.stderr, flush=True)
+    try:  # serves until Ctrl-C
+        launch_ui(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype)
+    except KeyboardInterrupt:  # Ctrl-C before the server was up
+        print("stopped", file=sys.stderr)
     return 0
 
 
@@ -333,6 +405,87 @@ def cmd_bench_serving(args: argparse.Namespace) -> int:
     results = run_serving_bench(cfg, parts)
     print(format_table(results))
     print(f"wrote {results['json']}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from visualchat.model.loading import LoadOptions
+    from visualchat.quant.convert import quantize_checkpoint
+
+    skip = tuple(part.strip() for part in args.skip.split(",") if part.strip())
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    try:
+        report = quantize_checkpoint(
+            args.model,
+            args.output,
+            args.format,
+            lorc_rank=args.lorc_rank,
+            skip=skip,
+            options=LoadOptions(device="cpu", dtype=args.dtype),
+        )
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
+
+
+def cmd_bench_quant(args: argparse.Namespace) -> int:
+    from visualchat.quant.bench import (
+        TABLE_HEADER,
+        QuantBenchConfig,
+        format_context,
+        format_row,
+        result_dict,
+        run_quant_bench,
+    )
+
+    try:
+        cfg = QuantBenchConfig(
+            model=args.model,
+            formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
+            lorc_rank=args.lorc_rank,
+            max_text_tokens=args.max_text_tokens,
+            window=args.window,
+            stride=args.stride,
+            decode_tokens=args.decode_tokens,
+            skip_accuracy=args.skip_accuracy,
+            out=args.out,
+        )
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    evaluate, note = None, None
+    if not args.skip_accuracy:
+        if os.path.isdir(args.eval_data):
+            from training.evaluate import evaluate_checkpoint
+
+            def evaluate(vc) -> dict:
+                report = evaluate_checkpoint(
+                    vc,
+                    args.eval_data,
+                    max_samples=args.max_eval_samples,
+                    max_tokens=args.eval_max_tokens,
+                )
+                summary = report.to_dict()
+                return {
+                    "data": args.eval_data,
+                    "max_samples": args.max_eval_samples,
+                    "max_tokens": args.eval_max_tokens,
+                    "overall": summary["overall"],
+                    "groups": summary["groups"],
+                }
+        else:
+            note = f"skipped: no held-out set at {args.eval_data}"
+    print(TABLE_HEADER, flush=True)
+    results = run_quant_bench(
+        cfg,
+        evaluate=evaluate,
+        accuracy_note=note,
+        on_result=lambda r: print(format_row(result_dict(r)), flush=True),
+    )
+    print(format_context(results))
+    print(f"wrote {results['json']} in {results['total_seconds']:.0f} s")
     return 0
 
 

@@ -1,0 +1,159 @@
+"""The web chat in a real browser: Debian's Chromium driven by Playwright against the app on
+localhost with the tiny model. Upload two images, ask, watch the reply stream in, ask about
+image 2, stop a long reply, retry it, undo. Screenshots go to test-artifacts/browser/.
+
+The engine is slowed down (30 ms a pass) and never stops at end-of-sequence, so a long reply
+lasts long enough to press Stop in the middle of it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from app_testing import free_port, image_files, is_growing, is_idle, make_loop, wait_until
+
+from app.chat import ChatSettings
+from app.screenshot import CHROMIUM, VIEWPORT, launch_browser
+from app.ui import EXAMPLES_DIR, build_app
+from serving.engine import EngineLoop
+
+pytestmark = pytest.mark.browser
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"
+SHORT = 24  # tokens in a normal reply: about 1 s
+LONG = 400  # a reply to stop: about 12 s
+TIMEOUT_MS = 30_000
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[tuple[str, EngineLoop]]:
+    loop = make_loop(step_delay=0.03, ignore_eos=True)
+    demo = build_app(loop, settings=ChatSettings(max_tokens=SHORT))
+    _, url, _ = demo.launch(
+        server_name="127.0.0.1",
+        server_port=free_port(),
+        prevent_thread_lock=True,
+        quiet=True,
+        allowed_paths=[str(EXAMPLES_DIR)],
+    )
+    yield url, loop
+    demo.close()
+    loop.shutdown()
+
+
+def require_browser():
+    """Playwright's sync API; fails (never skips) when the browser test cannot run."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(
+            f"Debian's chromium is missing ({CHROMIUM}): run `make test`, which installs it "
+            "(apt-get install -y chromium)",
+            pytrace=False,
+        )
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail(
+            "the playwright package is missing: run `make test` (it installs the dev extra)",
+            pytrace=False,
+        )
+    return sync_playwright
+
+
+def bot_texts(page) -> list[str]:
+    return page.locator("[data-testid='bot']").all_inner_texts()
+
+
+def watch_reply(page, num_replies: int) -> list[str]:
+    """The last reply's text, sampled while it streams, until the Submit button is back."""
+    page.locator("button.stop-button").wait_for()  # the reply has started
+    seen: list[str] = []
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while time.monotonic() < deadline:
+        texts = bot_texts(page)
+        if len(texts) == num_replies and texts[-1] and (not seen or texts[-1] != seen[-1]):
+            seen.append(texts[-1])
+        if seen and page.locator("button.submit-button").is_visible():
+            return seen
+        time.sleep(0.03)
+    raise AssertionError(f"reply {num_replies} did not finish; saw {seen[-1:]!r}")
+
+
+def send(page, text: str, files: list[str] = ()) -> None:
+    if files:
+        page.locator("input[data-testid='file-upload']").set_input_files(list(files))
+        page.locator("[data-testid='file-upload'] ~ *, .thumbnail-item").first.wait_for()
+    page.locator("textarea").first.fill(text)
+    page.locator("button.submit-button").click()
+
+
+def set_max_tokens(page, value: int) -> None:
+    box = page.get_by_label("number input for Max new tokens")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def test_chat_in_the_browser(served: tuple[str, EngineLoop], tmp_path: Path) -> None:
+    sync_playwright = require_browser()
+    url, loop = served
+    images = image_files(tmp_path)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = launch_browser(playwright)
+        try:
+            page = browser.new_page(viewport=VIEWPORT)
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url)
+            page.locator("textarea").first.wait_for()
+            page.screenshot(path=str(ARTIFACTS / "01-empty.png"))
+
+            # two images and a question; the reply streams in piece by piece
+            send(page, "Compare the two images.", [images["red"], images["green"]])
+            first = watch_reply(page, 1)
+            assert len(first) > 1 and is_growing(first), first
+            # both images shown, each under the number the model knows it by
+            assert page.locator("[data-testid='user'] img").count() == 2
+            for label in ("Image 1", "Image 2"):
+                assert page.get_by_text(label, exact=True).is_visible()
+            page.screenshot(path=str(ARTIFACTS / "02-first-reply.png"))
+
+            # a follow-up about image 2, no new image
+            send(page, "What colour is image 2?")
+            second = watch_reply(page, 2)
+            assert second[-1] and len(bot_texts(page)) == 2
+            page.screenshot(path=str(ARTIFACTS / "03-follow-up.png"))
+
+            # a long reply, stopped in the middle: generation ends and the engine frees it
+            page.get_by_text("Settings", exact=True).first.click()
+            set_max_tokens(page, LONG)
+            send(page, "Describe both images at length.")
+            page.locator("button.stop-button").wait_for()
+            wait_until(lambda: len(bot_texts(page)) == 3 and len(bot_texts(page)[-1]) > 8)
+            page.locator("button.stop-button").click()
+            page.locator("button.submit-button").wait_for()
+            wait_until(lambda: is_idle(loop))
+            stopped = bot_texts(page)[-1]
+            time.sleep(0.5)
+            assert bot_texts(page)[-1] == stopped  # nothing more arrives
+            assert loop.engine.requests == {}
+            page.screenshot(path=str(ARTIFACTS / "04-stopped.png"))
+
+            # Retry the stopped reply, short this time: the same question, a new complete reply
+            set_max_tokens(page, SHORT)
+            page.locator("[data-testid='bot']").last.hover()
+            page.get_by_role("button", name="Retry").last.click()
+            retried = watch_reply(page, 3)
+            assert retried[-1] and len(bot_texts(page)) == 3
+            page.screenshot(path=str(ARTIFACTS / "05-retried.png"))
+
+            # Undo: the exchange goes, its question comes back into the box
+            page.get_by_role("button", name="Undo").last.click()
+            wait_until(lambda: len(bot_texts(page)) == 2)
+            box = page.locator("textarea").first
+            wait_until(lambda: box.input_value() == "Describe both images at length.")
+            page.screenshot(path=str(ARTIFACTS / "06-undone.png"))
+        finally:
+            browser.close()
+    wait_until(lambda: is_idle(loop))
