@@ -218,6 +218,11 @@ def save_pretrained(
         backbone_config = model.language_model.config.to_dict()
         backbone_config.pop("quantization_config", None)
         payload = {"visualchat": model.config.to_dict(), "backbone": backbone_config}
+        from visualchat.quant.model import quant_config
+
+        quantization = quant_config(model)  # None unless layers were quantized
+        if quantization is not None:
+            payload["quantization"] = quantization
         with open(tmp / CONFIG_NAME, "w") as f:
             json.dump(payload, f, indent=2)
         save_model(model, str(tmp / WEIGHTS_NAME))
@@ -252,6 +257,10 @@ def load_pretrained(
     backbone_config = AutoConfig.for_model(model_type, **backbone_dict)
     backbone = AutoModelForCausalLM.from_config(backbone_config, dtype=dtype)
     model = VisualChatModel(config, backbone)
+    if "quantization" in payload:  # rebuild the QuantLinear modules the packed tensors fill
+        from visualchat.quant.model import prepare_quantized
+
+        prepare_quantized(model, payload["quantization"])
     missing, unexpected = load_model(model, str(folder / WEIGHTS_NAME), strict=False)
     # Tied output embeddings are stored once; anything else missing is a broken checkpoint.
     tied = {k for k in missing if k.endswith("lm_head.weight")}
