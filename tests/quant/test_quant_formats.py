@@ -237,16 +237,3 @@ def test_quantize_tensor_rejects_bad_input() -> None:
         quantize_tensor(torch.ones(4), "int8")
     with pytest.raises(ValueError, match="unknown quantization format"):
         get_format("fp7")
-
-
-@pytest.mark.parametrize("fmt", list(FLOATS))
-def test_codes_match_torchao_where_it_is_installed(fmt: str) -> None:
-    custom_fp = pytest.importorskip("torchao.prototype.custom_fp_utils")
-    exponent_bits, mantissa_bits, _, _, _ = FLOATS[fmt]
-    values, _ = edge_values(fmt)
-    values = values[np.isfinite(values)]
-    ours = encode_float(torch.from_numpy(values), FORMATS[fmt])
-    theirs = custom_fp._f32_to_floatx_unpacked(
-        torch.from_numpy(values), exponent_bits, mantissa_bits
-    )
-    assert torch.equal(ours, theirs)

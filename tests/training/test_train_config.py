@@ -153,4 +153,5 @@ def test_the_shipped_recipes_parse() -> None:
     assert recipes
     for path in recipes:
         config = TrainConfig.from_yaml(path)
-        assert config.model.init == "embedded" and config.total_steps > 0
+        assert config.model.init in ("embedded", "training.embedded:build_embedded")
+        assert config.model.base_backbone in (None, "embedded") and config.total_steps > 0

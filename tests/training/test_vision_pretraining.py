@@ -1,0 +1,51 @@
+"""Stage 0 of the embedded recipe: dense per-patch targets and a few pretraining steps."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from data_blend.sources.scenes import Group, Scene, generate_scene
+from training.vision_pretraining import (
+    NUM_COMBOS,
+    VisionPretrainConfig,
+    combo_class,
+    patch_targets,
+    pretrain_vision,
+)
+from visualchat.model.vision import VisionConfig, VisionTower
+
+
+def test_patch_targets_mark_covered_patches_and_object_centres() -> None:
+    # One large red circle centred in patch (row 1, col 2) of a 4x4 grid of 24 px patches.
+    circle = Group("red", "circle", "large", "center", ((60, 36),))
+    scene = Scene(96, (250, 250, 250), (circle,), "CAT", (2, 70, 40, 92))
+    cover, centre = patch_targets(scene, grid=4)
+    red_circle = combo_class("red", "circle")
+    assert centre.tolist() == [0] * 6 + [red_circle] + [0] * 9
+    # The circle (radius 12) covers the centre of its own patch only; the word box (x 2-40,
+    # y 70-92) the centres of the first two patches of the bottom row.
+    cat = 1 + NUM_COMBOS  # "CAT" is the first word
+    assert cover.tolist() == [0] * 6 + [red_circle] + [0] * 5 + [cat, cat, 0, 0]
+
+
+def test_a_few_steps_lower_the_loss_and_touch_only_the_tower() -> None:
+    torch.manual_seed(0)
+    tower = VisionTower(
+        VisionConfig(
+            custom={"image_size": 96, "patch_size": 24, "width": 32, "layers": 1, "head_width": 16}
+        )
+    )
+    before = {k: v.clone() for k, v in tower.state_dict().items()}
+    cfg = VisionPretrainConfig(steps=12, batch_size=6, warmup_steps=2, log_every=4, lr=3e-3)
+    history = pretrain_vision(tower, cfg)
+    assert [h["step"] for h in history] == [4, 8, 12]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert any(not torch.equal(before[k], v) for k, v in tower.state_dict().items())
+    assert not tower.training
+
+
+def test_scenes_come_from_the_training_split() -> None:
+    scene = generate_scene(random.Random(3), 96, "train")
+    assert scene.split == "train"
