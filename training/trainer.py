@@ -228,12 +228,8 @@ class Trainer:
         config = self.config
         self.train_data = open_blended(config.data.train)
         self.order = DataOrder(len(self.train_data), config.run.seed)
-        self.processor = VisualChatProcessor(
-            self.tokenizer,
-            self.model.vision.image_transform(),
-            self.model.num_image_tokens,
-            image_token_id=self.model.config.image_token_id,
-            limits=TRAINING_IMAGE_LIMITS,
+        self.processor = VisualChatProcessor.for_model(
+            self.model, self.tokenizer, limits=TRAINING_IMAGE_LIMITS
         )
         records: list[dict[str, Any]] = []
         if config.data.eval is not None and config.run.eval_samples > 0:

@@ -74,13 +74,8 @@ class VisualChat:
         self.model = model
         self.tokenizer = tokenizer
         self.limits = limits or ImageLimits()
-        self.processor = VisualChatProcessor(
-            tokenizer,
-            model.vision.image_transform(),
-            model.num_image_tokens,
-            image_token_id=model.config.image_token_id,
-            max_length=max_context(model),
-            limits=self.limits,
+        self.processor = VisualChatProcessor.for_model(
+            model, tokenizer, max_length=max_context(model), limits=self.limits
         )
         self.image_cache = ImageFeatureCache()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -21,6 +22,9 @@ from visualchat.images import (
 from visualchat.messages import Conversation
 from visualchat.model.attention import TEXT
 from visualchat.template import ChatTemplate
+
+if TYPE_CHECKING:
+    from visualchat.model.modeling import VisualChatModel
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +79,24 @@ class VisualChatProcessor:
         self.image_token_id = image_token_id
         self.max_length = max_length
         self.limits = limits or ImageLimits()
+
+    @classmethod
+    def for_model(
+        cls,
+        model: VisualChatModel,
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int | None = None,
+        limits: ImageLimits | None = None,
+    ) -> VisualChatProcessor:
+        """The processor a model reads: its vision transform, image token count and id."""
+        return cls(
+            tokenizer,
+            model.vision.image_transform(),
+            model.num_image_tokens,
+            image_token_id=model.config.image_token_id,
+            max_length=max_length,
+            limits=limits,
+        )
 
     def load_images(
         self, conversation: Conversation, limits: ImageLimits | None = None

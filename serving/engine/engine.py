@@ -55,13 +55,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
         self.context_length = max_context(model)
-        self.processor = VisualChatProcessor(
-            tokenizer,
-            model.vision.image_transform(),
-            model.num_image_tokens,
-            image_token_id=model.config.image_token_id,
-            max_length=self.context_length,
-            limits=limits or ImageLimits(),
+        self.processor = VisualChatProcessor.for_model(
+            model, tokenizer, max_length=self.context_length, limits=limits
         )
         self.blocks = BlockManager(self.config.resolved_num_blocks, self.config.block_size)
         self.runner = ModelRunner(model, self.blocks)

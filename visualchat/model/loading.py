@@ -289,8 +289,3 @@ def load_embedded_default(
     backbone, tokenizer = load_backbone(embedded_gguf_path(), options)
     model = build_model(embedded_config(), backbone, seed=EMBEDDED_SEED)
     return model, tokenizer
-
-
-# Older private names, kept for callers written before they were public.
-_atomic_dir = atomic_dir
-_publish_dir = publish_dir

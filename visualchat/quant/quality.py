@@ -89,12 +89,7 @@ def decode_tokens_per_second(
     (num_tokens - 1) tokens over the time between the first and the last token."""
     if num_tokens < 2:
         raise ValueError(f"num_tokens must be at least 2, got {num_tokens}")
-    processor = VisualChatProcessor(
-        tokenizer,
-        model.vision.image_transform(),
-        model.num_image_tokens,
-        image_token_id=model.config.image_token_id,
-    )
+    processor = VisualChatProcessor.for_model(model, tokenizer)
     conversation = Conversation()
     conversation.add_user(DECODE_PROMPT)
     inputs = processor(conversation, add_generation_prompt=True)
