@@ -398,7 +398,7 @@ def test_gradio_browser_shape_literal() -> None:
 
 
 def test_gradio_shapes_built_by_gradio(tmp_path: Path) -> None:
-    gr = pytest.importorskip("gradio")
+    import gradio as gr
     from gradio.components.chatbot import ChatbotDataMessages
 
     cat, dog = image_file(tmp_path, "cat.png", RED), image_file(tmp_path, "dog.png", GREEN)

@@ -62,7 +62,7 @@ def client_history(images: dict[str, str]) -> list[dict]:
 
 def browser_history(images: dict[str, str]) -> list[dict]:
     """The same history as a chat function receives it from the browser (normalized)."""
-    gr = pytest.importorskip("gradio")
+    import gradio as gr
     from gradio.components.chatbot import ChatbotDataMessages
 
     chatbot = gr.Chatbot()

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import gradio_client  # noqa: E402  (a dependency: fail loudly if missing)
 import httpx
 import pytest
 from app_testing import (
@@ -28,8 +29,6 @@ from visualchat.api import VisualChat
 from visualchat.messages import Conversation
 from visualchat.model.loading import save_pretrained
 from visualchat.sampling import SamplingParams
-
-gradio_client = pytest.importorskip("gradio_client")
 
 MAX_TOKENS = 24
 

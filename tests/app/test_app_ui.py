@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
+import gradio as gr  # noqa: E402  (a dependency: fail loudly if missing)
 
 from app.turns import EMPTY_REPLY, Turn, display_history, model_history, pop_last_turn
 from visualchat.messages import Conversation, ImagePart
-
-gr = pytest.importorskip("gradio")
 
 TURNS = [
     Turn(["/up/a.png", "/up/b.png"], "compare", "reply 1", is_done=True),
