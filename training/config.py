@@ -114,6 +114,10 @@ class DataSpec:
     train: str  # blended dataset folder (manifest.json + data/)
     eval: str | None = None  # held-out folder of the same layout
     max_length: int = 2048  # samples longer than this (in tokens) are dropped and counted
+    # Sort each optimiser step's samples by length before splitting them into micro-batches,
+    # so a micro-batch pads to a near length. The step's samples (and so its gradient) are the
+    # same; only the padding, which costs compute, shrinks. Useful with grad_accum > 1.
+    group_by_length: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.train, str | os.PathLike) or not str(self.train):
@@ -122,6 +126,10 @@ class DataSpec:
         if self.eval is not None:
             self.eval = str(self.eval)
         _positive_int(self.max_length, "data.max_length")
+        if not isinstance(self.group_by_length, bool):
+            raise ValueError(
+                f"data.group_by_length must be true or false, got {self.group_by_length!r}"
+            )
 
 
 @dataclass

@@ -75,12 +75,42 @@ def plan_micro_batches(
     batch_size: int,  # samples per rank per micro-batch
     num_processes: int,
     process_index: int,
+    lengths: np.ndarray | None = None,  # (num_records,) approximate lengths to group by
+    grad_accum: int = 1,
 ) -> list[list[int]]:
     """This rank's record indices for each of the next micro-batches. Micro-batch m takes the
-    next batch_size * num_processes positions; rank r reads its r-th contiguous slice."""
+    next batch_size * num_processes positions; rank r reads its r-th contiguous slice.
+
+    With `lengths`, the grad_accum micro-batches of each optimiser step (`position` must be a
+    step boundary) are re-formed from the same records sorted by length: the step reads the
+    same samples, each micro-batch pads to a nearer length.
+    """
     global_batch = batch_size * num_processes
     plan = []
     for m in range(num_micro_batches):
         start = position + m * global_batch + process_index * batch_size
         plan.append(order.indices(start, batch_size))
-    return plan
+    if lengths is None or grad_accum == 1:
+        return plan
+    grouped = []
+    for step_start in range(0, len(plan), grad_accum):
+        records = [i for micro in plan[step_start : step_start + grad_accum] for i in micro]
+        records.sort(key=lambda i: (lengths[i], i))
+        grouped += [records[j : j + batch_size] for j in range(0, len(records), batch_size)]
+    return grouped
+
+
+def approximate_lengths(dataset, image_tokens: int) -> np.ndarray:
+    """(num_records,) cheap token-length estimates: image blocks x image_tokens + characters / 4
+    of the text. Only used to order samples, so the tokenizer is not needed."""
+    lengths = np.zeros(len(dataset), dtype=np.int64)
+    for index, messages in enumerate(dataset["messages"]):
+        total = 0
+        for message in messages:
+            for block in message["content"]:
+                if block.get("type") == "image":
+                    total += image_tokens
+                else:
+                    total += len(block.get("text") or "") // 4 + 1
+        lengths[index] = total + 4 * len(messages)  # role markers
+    return lengths

@@ -174,21 +174,43 @@ def evaluate_records(
     records: Iterable[Mapping[str, Any]],
     max_tokens: int = 32,
     progress: bool = False,
+    batch_size: int = 1,
 ) -> EvalReport:
-    """Greedy answers to every assistant turn of `records`, scored by exact match."""
+    """Greedy answers to every assistant turn of `records`, scored by exact match.
+
+    Every turn is an independent prompt (earlier replies are the gold ones), so with
+    batch_size > 1 and an answerer that has `generate_batch` (the serving engine) the turns go
+    in batches that the engine decodes together; the answers are the same, only faster.
+    """
     from tqdm.auto import tqdm
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     report = EvalReport()
+    batched = batch_size > 1 and hasattr(chat, "generate_batch")
+    pending: list[tuple[str, int, str, Conversation, str]] = []
+
+    def flush() -> None:
+        outputs = chat.generate_batch([p[3] for p in pending], params)
+        for (record_id, turn, family, _, gold), out in zip(pending, outputs, strict=True):
+            report.results.append(TurnResult(record_id, turn, family, out.text, gold))
+        pending.clear()
+
     for index, record in enumerate(tqdm(records, desc="eval", disable=not progress)):
         record_id = str(record.get("id", index))
         for turn, family, conversation, gold in evaluation_turns(record):
+            if batched:
+                pending.append((record_id, turn, family, conversation, gold))
+                if len(pending) >= batch_size:
+                    flush()
+                continue
             try:
                 prediction = chat.generate(conversation, params).text
             except ContextLengthError as err:
                 logger.warning("record %s turn %d does not fit: %s", record_id, turn, err)
                 prediction = ""
             report.results.append(TurnResult(record_id, turn, family, prediction, gold))
+    if pending:
+        flush()
     return report
 
 
@@ -200,17 +222,24 @@ def evaluate_checkpoint(
     device: str | None = None,
     dtype: str | None = None,
     progress: bool = False,
+    batch_size: int = 1,
 ) -> EvalReport:
     """Score a model on a held-out blended dataset folder.
 
     model_or_path: a VisualChat (or any Answerer, e.g. the engine), a (VisualChatModel,
     tokenizer) pair, or a checkpoint folder (full or delta). max_samples: records scored, from
-    the start of the dataset (None: all)."""
+    the start of the dataset (None: all). batch_size > 1 with a path loads the checkpoint into
+    the serving engine and decodes that many turns together."""
     from training.data import open_blended
     from visualchat.api import VisualChat
 
     if isinstance(model_or_path, str | os.PathLike):
-        chat: Answerer = VisualChat.from_pretrained(model_or_path, device=device, dtype=dtype)
+        if batch_size > 1:
+            from serving.engine.engine import Engine
+
+            chat: Answerer = Engine.from_pretrained(model_or_path, device=device, dtype=dtype)
+        else:
+            chat = VisualChat.from_pretrained(model_or_path, device=device, dtype=dtype)
     elif isinstance(model_or_path, tuple):
         chat = VisualChat(*model_or_path)
     else:
@@ -218,5 +247,9 @@ def evaluate_checkpoint(
     dataset = open_blended(data_path)
     count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     return evaluate_records(
-        chat, (dataset[i] for i in range(count)), max_tokens=max_tokens, progress=progress
+        chat,
+        (dataset[i] for i in range(count)),
+        max_tokens=max_tokens,
+        progress=progress,
+        batch_size=batch_size,
     )

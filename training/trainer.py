@@ -37,7 +37,7 @@ from training.checkpoint import (
 )
 from training.collator import Collator
 from training.config import StageSpec, TrainConfig
-from training.data import DataOrder, open_blended, plan_micro_batches
+from training.data import DataOrder, approximate_lengths, open_blended, plan_micro_batches
 from training.held_out import HeldOut
 from training.model_init import (
     attach_lora,
@@ -228,6 +228,9 @@ class Trainer:
         config = self.config
         self.train_data = open_blended(config.data.train)
         self.order = DataOrder(len(self.train_data), config.run.seed)
+        self.lengths = None
+        if config.data.group_by_length:
+            self.lengths = approximate_lengths(self.train_data, self.model.num_image_tokens)
         self.processor = VisualChatProcessor.for_model(
             self.model, self.tokenizer, limits=TRAINING_IMAGE_LIMITS
         )
@@ -283,6 +286,8 @@ class Trainer:
             stage.batch_size,
             acc.num_processes,
             acc.process_index,
+            lengths=self.lengths,
+            grad_accum=stage.grad_accum,
         )
         batches = iter(self._loader(plan, kind))
         self.progress.set_description(stage.name)

@@ -99,6 +99,31 @@ def build_parser() -> argparse.ArgumentParser:
     blend.add_argument("--no-progress", action="store_true")
     blend.set_defaults(run=cmd_blend)
 
+    train = commands.add_parser(
+        "train", help="train from a YAML recipe (same as python -m training.main)"
+    )
+    train.add_argument("recipe", help="training recipe YAML (see training/recipes/)")
+    train.add_argument("--no-resume", action="store_true", help="refuse to continue a run")
+    train.set_defaults(run=cmd_train)
+
+    evaluate = commands.add_parser(
+        "eval", help="exact-match accuracy of a checkpoint on a held-out blended set"
+    )
+    evaluate.add_argument("model", help="checkpoint folder (full or delta), or 'embedded'")
+    evaluate.add_argument("--data", default="data/blends/embedded_heldout")
+    evaluate.add_argument("--max-samples", type=int, default=None, help="records (default: all)")
+    evaluate.add_argument("--max-tokens", type=int, default=8, help="reply tokens per question")
+    evaluate.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="questions decoded together by the serving engine (1: the reference decoder)",
+    )
+    evaluate.add_argument("--json", default=None, help="also write the full report here")
+    evaluate.add_argument("--device", default=None)
+    evaluate.add_argument("--dtype", default=None)
+    evaluate.set_defaults(run=cmd_eval)
+
     quantize = commands.add_parser(
         "quantize", help="write a checkpoint with a weight-only quantized backbone"
     )
@@ -406,6 +431,48 @@ def cmd_bench_serving(args: argparse.Namespace) -> int:
     print(format_table(results))
     print(f"wrote {results['json']}")
     return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.main import main as train_main
+
+    return train_main([args.recipe, *(["--no-resume"] if args.no_resume else [])])
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_checkpoint
+    from visualchat.atomic import atomic_write_text
+
+    model = None if args.model == "embedded" else args.model
+    if model is not None and not os.path.isdir(model):
+        print(f"error: no checkpoint folder at {model}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    report = evaluate_checkpoint(
+        model if model is not None else _embedded_answerer(args),
+        args.data,
+        max_samples=args.max_samples,
+        max_tokens=args.max_tokens,
+        device=args.device,
+        dtype=args.dtype,
+        progress=True,
+        batch_size=args.batch_size,
+    )
+    print(report.table())
+    print(f"({len(report.results)} questions in {time.perf_counter() - started:.0f} s)")
+    if args.json:
+        atomic_write_text(args.json, report.to_json() + "\n")
+    return 0
+
+
+def _embedded_answerer(args: argparse.Namespace):
+    if args.batch_size > 1:
+        from serving.engine.engine import Engine
+
+        return Engine.from_pretrained(None, device=args.device, dtype=args.dtype)
+    from visualchat import VisualChat
+
+    return VisualChat.from_pretrained(None, device=args.device, dtype=args.dtype)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

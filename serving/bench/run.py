@@ -7,7 +7,6 @@ every raw figure and the table the medians/ratios quoted in the README.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import random
@@ -21,6 +20,7 @@ import torch
 from serving.bench import workloads as wl
 from serving.engine import Engine, EngineConfig, EngineLoop
 from visualchat.api import VisualChat
+from visualchat.atomic import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -250,9 +250,7 @@ def run_serving_bench(cfg: BenchConfig, parts: tuple[str, ...] | None = None) ->
     if "curve" in parts:
         results["curve"] = _curve(model, tokenizer, cfg, out_dir)
     path = out_dir / "serving.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, results)
     results["json"] = str(path)
     return results
 

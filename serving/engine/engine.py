@@ -226,6 +226,12 @@ class Engine:
                     result.finish_reason = out.finish_reason
         return [results[i] for i in ids]
 
+    def generate_batch(
+        self, prompts: Sequence[Conversation | ProcessedInputs], params: SamplingParams
+    ) -> list[GenerationOutput]:
+        """`generate` under the name batch consumers (training.evaluate) look for."""
+        return self.generate(prompts, params)
+
     def stream(self, conversation: Conversation, params: SamplingParams) -> Iterator[str]:
         """Single-caller streaming (ChatSession backend without a background loop)."""
         request_id = self.add_request(conversation, params)

@@ -101,3 +101,25 @@ def test_an_all_dropped_batch_is_one_padding_row_with_zero_loss(tiny) -> None:
     assert loss.item() == 0.0
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(not g.any() for g in grads)
+
+
+def test_lm_loss_on_label_positions_equals_the_full_logit_loss(tiny) -> None:
+    # lm_loss only sends label positions through the LM head; the loss must not change.
+    model, _, processor = tiny
+    batch = Collator(processor, max_length=1000)(RECORDS)
+    with torch.no_grad():
+        loss = lm_loss(model, batch)
+        logits = model(
+            input_ids=batch.input_ids,
+            token_modality=batch.token_modality,
+            pixel_values=batch.pixel_values,
+            attention_mask=batch.attention_mask,
+        ).logits[:, :-1]  # (batch, seq - 1, vocab)
+        full = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            batch.labels[:, 1:].reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+    assert batch.num_label_tokens > 3
+    torch.testing.assert_close(loss, full, rtol=1e-5, atol=1e-5)

@@ -195,3 +195,28 @@ def test_a_checkpoint_path_is_scored_through_the_visualchat_api(tmp_path, backbo
         record = make_record(int(result.record_id.split("-")[1]), multi=result.record_id == "rec-3")
         conversation = list(evaluation_turns(record))[result.turn][2]
         assert result.prediction == chat.generate(conversation, params).text
+
+
+def test_batched_engine_eval_and_the_cli_give_the_reference_answers(
+    tmp_path, backbone_dir, capsys
+) -> None:
+    # batch_size > 1 loads the checkpoint into the serving engine and decodes turns together;
+    # greedy answers must be those of the one-at-a-time reference decoder.
+    from visualchat.cli import main as cli_main
+
+    model, _ = make_model(seed=5)
+    backbone, _ = loading.load_backbone(backbone_dir)
+    model.language_model = backbone
+    delta.save_delta(model, tmp_path / "delta", base_backbone=str(backbone_dir))
+    folder = make_blended_dataset(tmp_path, 5, multi_every=2)
+    one = evaluate_checkpoint(tmp_path / "delta", folder, max_tokens=3)
+    batched = evaluate_checkpoint(tmp_path / "delta", folder, max_tokens=3, batch_size=3)
+    assert len(one.results) == len(batched.results) > 5
+    assert [r.prediction for r in batched.results] == [r.prediction for r in one.results]
+    out = tmp_path / "report.json"
+    args = ["eval", str(tmp_path / "delta"), "--data", str(folder), "--max-tokens", "3"]
+    assert cli_main([*args, "--batch-size", "4", "--json", str(out)]) == 0
+    assert "overall" in capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert [r["prediction"] for r in saved["results"]] == [r.prediction for r in one.results]
+    assert cli_main(["eval", str(tmp_path / "missing"), "--data", str(folder)]) == 2

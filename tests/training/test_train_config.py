@@ -155,3 +155,12 @@ def test_the_shipped_recipes_parse() -> None:
         config = TrainConfig.from_yaml(path)
         assert config.model.init in ("embedded", "training.embedded:build_embedded")
         assert config.model.base_backbone in (None, "embedded") and config.total_steps > 0
+
+
+def test_visualchat_train_reports_a_bad_recipe(tmp_path, capsys) -> None:
+    from visualchat.cli import main as cli_main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {}\n")
+    assert cli_main(["train", str(bad)]) == 2
+    assert "error:" in capsys.readouterr().err

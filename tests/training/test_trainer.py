@@ -7,6 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -14,7 +15,7 @@ from training_fixtures import make_record, recipe_dict
 
 from training.checkpoint import TrainState, find_latest, list_checkpoints
 from training.config import ModelSpec, TrainConfig
-from training.data import DataOrder, plan_micro_batches
+from training.data import DataOrder, approximate_lengths, open_blended, plan_micro_batches
 from training.model_init import has_lora, init_model, named_group_tensors
 from training.run_log import read_log
 from training.trainer import run_training
@@ -187,6 +188,31 @@ def test_data_order_is_a_function_of_seed_and_epoch() -> None:
     rank0 = plan_micro_batches(order, 3, 2, batch_size=2, num_processes=2, process_index=0)
     rank1 = plan_micro_batches(order, 3, 2, batch_size=2, num_processes=2, process_index=1)
     assert rank0 == [first[3:5], first[7:9]] and rank1 == [first[5:7], first[9:11]]
+
+
+def test_group_by_length_reorders_within_a_step_only() -> None:
+    order = DataOrder(40, seed=3)
+    lengths = np.random.default_rng(0).integers(10, 300, size=40)
+    plain = plan_micro_batches(order, 8, 6, batch_size=4, num_processes=1, process_index=0)
+    grouped = plan_micro_batches(
+        order, 8, 6, batch_size=4, num_processes=1, process_index=0, lengths=lengths, grad_accum=3
+    )
+    assert [len(m) for m in grouped] == [4] * 6
+    for step in (0, 3):  # each optimiser step reads the same records, sorted by length
+        same = sorted(i for m in plain[step : step + 3] for i in m)
+        assert sorted(i for m in grouped[step : step + 3] for i in m) == same
+        flat = [lengths[i] for m in grouped[step : step + 3] for i in m]
+        assert flat == sorted(flat)
+
+
+def test_approximate_lengths_order_like_token_counts(train_dir) -> None:
+    dataset = open_blended(train_dir)
+    lengths = approximate_lengths(dataset, image_tokens=16)
+    images = [
+        sum(b["type"] == "image" for m in r for b in m["content"]) for r in dataset["messages"]
+    ]
+    assert lengths.shape == (len(dataset),) and (lengths > 0).all()
+    assert all(length >= 16 * n for length, n in zip(lengths, images, strict=True))
 
 
 @pytest.fixture

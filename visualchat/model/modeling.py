@@ -136,7 +136,7 @@ class VisualChatModel(nn.Module):
         past_key_values: Any = None,
         labels: torch.Tensor | None = None,  # (batch, seq) -100 = not trained
         use_cache: bool = False,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,  # int: last n; (batch, seq) bool: those
     ) -> CausalLMOutputWithPast:
         seq_len = input_ids.shape[1]
         if token_modality.shape[0] != input_ids.shape[0] or token_modality.shape[1] < seq_len:

@@ -17,22 +17,19 @@ this library free of the training package.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
-import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from visualchat.api import VisualChat
+from visualchat.atomic import atomic_write_json
 from visualchat.model import loading
 from visualchat.model.modeling import VisualChatModel
 from visualchat.quant.convert import EMBEDDED, load_source
@@ -206,7 +203,7 @@ def run_quant_bench(
         "variants": [result_dict(r) for r in results],
         "total_seconds": time.perf_counter() - started,
     }
-    write_json_atomic(config.out, payload)
+    atomic_write_json(config.out, payload)
     payload["json"] = config.out
     return payload
 
@@ -225,20 +222,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     return value
-
-
-def write_json_atomic(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fmt(value: float | None, spec: str) -> str:
