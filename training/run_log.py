@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+LOG_NAME = "log.jsonl"  # in the run's output_dir
+
 
 class RunLog:
     def __init__(self, path: Path, enabled: bool = True) -> None:

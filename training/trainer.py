@@ -48,7 +48,7 @@ from training.model_init import (
     set_trainable,
 )
 from training.optim import build_optimizer, build_scheduler
-from training.run_log import RunLog
+from training.run_log import LOG_NAME, RunLog
 from training.stages import STAGE_KINDS, StageKind
 from visualchat.images import ImageLimits
 from visualchat.model.modeling import VisualChatModel
@@ -58,7 +58,6 @@ logger = logging.getLogger(__name__)
 
 FINAL_DIR = "final"
 MERGED_DIR = "merged"
-LOG_NAME = "log.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 # Training data is trusted local data: any number of images per conversation.
 TRAINING_IMAGE_LIMITS = ImageLimits(max_images=1_000_000)
