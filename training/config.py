@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -296,10 +297,14 @@ class TrainConfig:
         )
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
+    def from_yaml(cls, path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:
+        """Read a recipe; `overrides` are "dotted.key=yaml-value" strings applied first, e.g.
+        "model.attention=causal" or "stages.0.steps=60" (list items by index)."""
         with open(path) as f:
             data = yaml.safe_load(f)
         try:
+            for override in overrides:
+                apply_override(data, override)
             return cls.from_dict(data)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{path}: {err}") from err
@@ -309,3 +314,32 @@ class TrainConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def apply_override(data: Any, override: str) -> None:
+    """Set one "a.b.0.c=value" in a nested recipe dict in place (value parsed as YAML)."""
+    key, sep, raw = override.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise ValueError(f"override {override!r} must look like section.key=value")
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ValueError(f"override {override!r}: {where} is not an index of the list")
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise ValueError(f"override {override!r}: {where} is not a section")
+    last = parts[-1]
+    value = yaml.safe_load(raw)
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ValueError(f"override {override!r}: {last} is not an index of the list")
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ValueError(f"override {override!r}: {key} is not inside a section")

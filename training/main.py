@@ -32,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="refuse to continue an existing run instead of resuming from its latest checkpoint",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set model.attention=causal --set stages.0.steps=60",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -41,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from training.config import TrainConfig
 
     try:
-        config = TrainConfig.from_yaml(args.recipe)
+        config = TrainConfig.from_yaml(args.recipe, args.set)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

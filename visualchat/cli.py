@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("recipe", help="training recipe YAML (see training/recipes/)")
     train.add_argument("--no-resume", action="store_true", help="refuse to continue a run")
+    train.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value"
+    )
     train.set_defaults(run=cmd_train)
 
     evaluate = commands.add_parser(
@@ -436,7 +439,8 @@ def cmd_bench_serving(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from training.main import main as train_main
 
-    return train_main([args.recipe, *(["--no-resume"] if args.no_resume else [])])
+    argv = [args.recipe, *(["--no-resume"] if args.no_resume else [])]
+    return train_main(argv + [f"--set={override}" for override in args.set])
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

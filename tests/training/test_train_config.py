@@ -164,3 +164,21 @@ def test_visualchat_train_reports_a_bad_recipe(tmp_path, capsys) -> None:
     bad.write_text("model: {}\n")
     assert cli_main(["train", str(bad)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_overrides_set_nested_values_list_items_and_refuse_bad_paths() -> None:
+    from training.config import apply_override
+
+    data = {"model": {"attention": "mmca"}, "stages": [{"steps": 3}], "run": {}}
+    apply_override(data, "model.attention=causal")
+    apply_override(data, "stages.0.steps=60")
+    apply_override(data, "run.output_dir=runs/x")
+    apply_override(data, "model.factory_kwargs.attention=causal")  # creates the section
+    assert data == {
+        "model": {"attention": "causal", "factory_kwargs": {"attention": "causal"}},
+        "stages": [{"steps": 60}],
+        "run": {"output_dir": "runs/x"},
+    }
+    for bad in ("model.attention", "stages.3.steps=1", "stages.x=1", "model.attention.x=1", "=1"):
+        with pytest.raises(ValueError, match="override"):
+            apply_override(data, bad)
