@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from factories import make_tokenizer
 
 from visualchat.detokenize import REPLACEMENT_CHAR, IncrementalDecoder
@@ -114,3 +116,18 @@ def test_stop_string_at_the_very_start() -> None:
     assert [decoder.add(i) for i in rest] == [""] * len(rest)
     assert decoder.text == ""
     assert decoder.flush() == ""
+
+
+def test_random_token_streams_equal_the_full_decode_and_flush_keeps_a_cut_character() -> None:
+    # The windowed decode must agree with decoding the whole reply, whatever the ids.
+    tokenizer = make_tokenizer()
+    rng = random.Random(0)
+    for _ in range(20):
+        ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(1, 40))]
+        decoder = IncrementalDecoder(tokenizer)
+        streamed = "".join(decoder.add(i) for i in ids) + decoder.flush()
+        assert streamed == decoder.text == tokenizer.decode(ids, skip_special_tokens=True)
+    ids = ids_of("🙂")  # one character, several byte tokens
+    assert len(ids) > 1 and REPLACEMENT_CHAR in tokenizer.decode(ids[:1])
+    decoder = IncrementalDecoder(tokenizer)
+    assert decoder.add(ids[0]) == "" and decoder.flush() == tokenizer.decode(ids[:1])
