@@ -6,18 +6,49 @@ Used as `model.init: training.embedded:build_embedded` in training/recipes/embed
 
 from __future__ import annotations
 
+import logging
+import random
+
+import torch
 from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
 from visualchat.model import loading
 from visualchat.model.modeling import VisualChatModel
 
+logger = logging.getLogger(__name__)
+
 
 def build_embedded(
-    vision_weights: str | None = None, attention: str = "mmca", seed: int = 0
+    vision_weights: str | None = None,
+    attention: str = "mmca",
+    seed: int = 0,
+    calibration_images: int = 256,
 ) -> tuple[VisualChatModel, PreTrainedTokenizerBase]:
+    """calibration_images > 0: initialise the projector from that many synthetic training
+    scenes (training.projector_init); 0 keeps the plain random initialisation."""
     backbone, tokenizer = loading.load_backbone(loading.embedded_gguf_path())
     model = loading.build_model(loading.embedded_config(attention), backbone, seed=seed)
     if vision_weights is not None:
         model.vision.load_state_dict(load_file(vision_weights))
+    if calibration_images > 0:
+        _calibrate(model, calibration_images, seed)
     return model, tokenizer
+
+
+def _calibrate(model: VisualChatModel, num_images: int, seed: int) -> None:
+    from data_blend.sources.scenes import generate_scene, render
+    from training.projector_init import calibrate_projector
+
+    rng = random.Random(seed)
+    transform = model.vision.image_transform()
+    size = model.vision.image_size[0]
+    pixels = torch.stack(
+        [transform(render(generate_scene(rng, size, "train"))) for _ in range(num_images)]
+    )  # (n, 3, H, W)
+    with torch.no_grad():
+        patches = model.vision(pixels)  # (n, patches, width)
+    stats = calibrate_projector(
+        model.projector, patches, model.language_model.get_input_embeddings().weight
+    )
+    logger.info("projector calibrated on %d training scenes: %s", num_images, stats)
