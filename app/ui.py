@@ -34,15 +34,9 @@ DEFAULT_TITLE = "VisualChat"
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 # (question, image files in the examples folder); made by app/examples/make_examples.py.
 EXAMPLES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    (
-        "What shape is in image 1, and what colour is image 2?",
-        ("red_circle.png", "blue_square.png"),
-    ),
-    (
-        "Which of these images has a star?",
-        ("green_triangle.png", "yellow_star.png", "red_circle.png"),
-    ),
-    ("Describe image 1 in one sentence.", ("yellow_star.png",)),
+    ("What word is written in image 2?", ("scene_shapes.png", "scene_word.png")),
+    ("Which image has a yellow star?", ("scene_shapes.png", "scene_star.png", "scene_word.png")),
+    ("How many circles are there?", ("scene_shapes.png",)),
 )
 # Other queued events are light; replies are unlimited (see the module docstring).
 QUEUE_CONCURRENCY = 64

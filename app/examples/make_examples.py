@@ -2,57 +2,51 @@
 
     python app/examples/make_examples.py
 
-Simple coloured shapes on white, like the synthetic multi-image data the model is trained on.
+They are scenes of the synthetic multi-image world the embedded model is trained on
+(data_blend.sources.scenes), drawn from the held-out split so the model has never seen them,
+and chosen so that each example question in app/ui.py has one right answer:
+
+- scene_word.png has a word; scene_shapes.png has none ("What word is written in image 2?");
+- exactly one of scene_shapes.png, scene_star.png, scene_word.png has a yellow star
+  ("Which image has a yellow star?" -> Image 2);
+- scene_shapes.png has circles ("How many circles are there?").
 """
 
 from __future__ import annotations
 
-import math
+import random
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from data_blend.sources.scenes import Scene, generate_scene, render
 
-SIZE = 128
-MARGIN = 24
-WHITE = (255, 255, 255)
-SHAPES = {
-    "red_circle.png": ("circle", (220, 40, 40)),
-    "blue_square.png": ("square", (40, 80, 220)),
-    "green_triangle.png": ("triangle", (30, 160, 60)),
-    "yellow_star.png": ("star", (240, 200, 20)),
-}
+SIZE = 96  # the embedded model's input size: no resampling between the file and the model
+SEED = 7
+YELLOW_STAR = ("yellow", "star")
 
 
-def star_points(center: float, outer: float, inner: float) -> list[tuple[float, float]]:
-    points = []
-    for i in range(10):
-        radius = outer if i % 2 == 0 else inner
-        angle = -math.pi / 2 + i * math.pi / 5
-        points.append((center + radius * math.cos(angle), center + radius * math.sin(angle)))
-    return points
+def _shapes(scene: Scene) -> set[str]:
+    return {group.shape for group in scene.groups}
 
 
-def draw(shape: str, color: tuple[int, int, int]) -> Image.Image:
-    image = Image.new("RGB", (SIZE, SIZE), WHITE)
-    pen = ImageDraw.Draw(image)
-    low, high = MARGIN, SIZE - MARGIN
-    if shape == "circle":
-        pen.ellipse((low, low, high, high), fill=color)
-    elif shape == "square":
-        pen.rectangle((low, low, high, high), fill=color)
-    elif shape == "triangle":
-        pen.polygon([(SIZE / 2, low), (high, high), (low, high)], fill=color)
-    elif shape == "star":
-        pen.polygon(star_points(SIZE / 2, SIZE / 2 - MARGIN / 2, SIZE / 5), fill=color)
-    else:
-        raise ValueError(f"unknown shape {shape!r}")
-    return image
+def make_scenes(seed: int = SEED) -> dict[str, Scene]:
+    rng = random.Random(seed)
+    shapes = generate_scene(
+        rng,
+        SIZE,
+        "heldout",
+        with_word=False,
+        forbidden=[YELLOW_STAR],
+        accept=lambda s: "circle" in _shapes(s) and len(s.groups) >= 2,
+    )
+    star = generate_scene(rng, SIZE, "heldout", with_word=False, required=YELLOW_STAR)
+    word = generate_scene(rng, SIZE, "heldout", with_word=True, forbidden=[YELLOW_STAR])
+    return {"scene_shapes.png": shapes, "scene_star.png": star, "scene_word.png": word}
 
 
 def main(folder: Path = Path(__file__).parent) -> None:
-    for name, (shape, color) in SHAPES.items():
-        draw(shape, color).save(folder / name, optimize=True)
-        print(f"wrote {folder / name} ({(folder / name).stat().st_size} bytes)")
+    for name, scene in make_scenes().items():
+        render(scene).save(folder / name, optimize=True)
+        print(f"wrote {folder / name}: {scene.key()}")
 
 
 if __name__ == "__main__":
