@@ -19,6 +19,7 @@ from training.data import DataOrder, approximate_lengths, open_blended, plan_mic
 from training.model_init import has_lora, init_model, named_group_tensors
 from training.run_log import read_log
 from training.trainer import run_training
+from visualchat.api import VisualChat
 from visualchat.model import delta, loading
 from visualchat.model.modeling import VisualChatModel
 
@@ -304,3 +305,24 @@ def test_init_errors_are_actionable(tmp_path) -> None:
         init_model(ModelSpec(init=str(tmp_path / "nope")), seed=0)
     with pytest.raises(ValueError, match="cannot import the factory"):
         init_model(ModelSpec(init="tests.factories:no_such_function"), seed=0)
+
+
+def test_a_step_checkpoint_exports_as_the_delta_the_run_wrote(trained, tmp_path) -> None:
+    # The last checkpoint holds the finished run's tensors, so its export equals final/.
+    from training.export import main as export_main
+
+    config, result = trained
+    last = config.output_dir / "checkpoints" / "step-000020"
+    assert export_main([str(last), str(tmp_path / "delta")]) == 0
+    exported = load_file(str(tmp_path / "delta" / "model.safetensors"))
+    final = load_file(str(result.final_dir / "model.safetensors"))
+    assert set(exported) == set(final)
+    assert all(torch.equal(exported[name], final[name]) for name in final)
+    ours = VisualChat.from_pretrained(tmp_path / "delta")
+    theirs = VisualChat.from_pretrained(result.final_dir)
+    batch = _batch(result)
+    with torch.no_grad():
+        a = ours.model(batch.input_ids, batch.token_modality, pixel_values=batch.pixel_values)
+        b = theirs.model(batch.input_ids, batch.token_modality, pixel_values=batch.pixel_values)
+    torch.testing.assert_close(a.logits, b.logits)
+    assert export_main([str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
