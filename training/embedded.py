@@ -24,15 +24,22 @@ def build_embedded(
     attention: str = "mmca",
     seed: int = 0,
     calibration_images: int = 256,
+    align_steps: int = 0,
 ) -> tuple[VisualChatModel, PreTrainedTokenizerBase]:
     """calibration_images > 0: initialise the projector from that many synthetic training
-    scenes (training.projector_init); 0 keeps the plain random initialisation."""
+    scenes (training.projector_init); 0 keeps the plain random initialisation.
+    align_steps > 0: then align the projector to the LM's word embeddings for that many steps
+    (training.projector_alignment); needs the pretrained `vision_weights` to mean anything."""
     backbone, tokenizer = loading.load_backbone(loading.embedded_gguf_path())
     model = loading.build_model(loading.embedded_config(attention), backbone, seed=seed)
     if vision_weights is not None:
         model.vision.load_state_dict(load_file(vision_weights))
     if calibration_images > 0:
         _calibrate(model, calibration_images, seed)
+    if align_steps > 0:
+        from training.projector_alignment import AlignConfig, align_projector
+
+        align_projector(model, tokenizer, AlignConfig(steps=align_steps, seed=seed))
     return model, tokenizer
 
 

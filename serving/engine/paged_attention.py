@@ -54,7 +54,7 @@ class AttentionGroup:
     query_valid: torch.Tensor  # (b, q) bool
     key_slots: torch.Tensor  # (b, k) cache slots of each sequence's positions (padded)
     text_part: torch.Tensor  # (b, 1, q, k) bool
-    image_part: torch.Tensor  # (b, 1, q, k) bool
+    image_part: torch.Tensor | None  # (b, 1, q, k) bool; None for causal attention
 
 
 @dataclass
@@ -96,14 +96,14 @@ def build_group(
         text_part, image_part = mmca_masks(q_tags, k_tags, q_pos, k_pos)
     else:
         text_part = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]
-        image_part = torch.zeros_like(text_part)
+        image_part = None  # one softmax over everything earlier: a single fused call
     valid = q_valid[:, :, None]
     return AttentionGroup(
         query_index=q_index,
         query_valid=q_valid,
         key_slots=k_slots,
         text_part=(text_part & valid)[:, None],
-        image_part=(image_part & valid)[:, None],
+        image_part=None if image_part is None else (image_part & valid)[:, None],
     )
 
 
@@ -141,7 +141,9 @@ def paged_attention_forward(
         q = q.view(b, num_q, kv_heads, shared, head_dim).permute(0, 2, 3, 1, 4)
         q = q.reshape(b, kv_heads, shared * num_q, head_dim)  # (b, kv_heads, shared*q, d)
         text_part = group.text_part.repeat(1, 1, shared, 1)  # (b, 1, shared*q, k)
-        image_part = group.image_part.repeat(1, 1, shared, 1)
+        image_part = group.image_part
+        if image_part is not None:
+            image_part = image_part.repeat(1, 1, shared, 1)
         attended = mmca_attention(q, k.to(q.dtype), v.to(q.dtype), text_part, image_part, scaling)
         attended = attended.view(b, kv_heads, shared, num_q, head_dim).permute(0, 3, 1, 2, 4)
         rows = group.query_index[group.query_valid]  # (n,)

@@ -206,6 +206,29 @@ def test_text_only_sequence_equals_causal_attention() -> None:
     torch.testing.assert_close(out, causal, atol=1e-6, rtol=1e-5)
 
 
+def test_fused_path_matches_explicit_probabilities_in_value_and_gradient() -> None:
+    """The SDPA path (two fused calls) against the eager two-softmax sum it replaces, with rows
+    that see no key of a part (padding, text before any image), forward and backward."""
+    from visualchat.model.attention import _mmca_attention_eager
+
+    q, k, v = random_qkv(batch=2, heads=2, kv_heads=2, num_queries=16, num_keys=16)
+    positions = torch.arange(16)
+    text_part, image_part = mmca_masks(TAGS, TAGS, positions, positions)
+    masks = text_part[:, None], image_part[:, None]
+    grads = []
+    for attend in (
+        lambda *x: mmca_attention(*x, *masks, 0.3),
+        lambda *x: _mmca_attention_eager(*x, *masks, 0.3, 0.0),
+    ):
+        inputs = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        out = attend(*inputs)
+        out.square().sum().backward()
+        grads.append((out.detach(), *[t.grad for t in inputs]))
+    for fused, eager in zip(*grads, strict=True):
+        assert not fused.isnan().any()
+        torch.testing.assert_close(fused, eager, atol=1e-5, rtol=1e-4)
+
+
 # --- the transformers attention function ------------------------------------------------------
 
 

@@ -64,15 +64,49 @@ def mmca_attention(
     key: torch.Tensor,  # (batch, heads, num_keys, head_dim)
     value: torch.Tensor,  # (batch, heads, num_keys, head_dim)
     text_part: torch.Tensor,  # (batch, 1 | heads, num_queries, num_keys) bool
-    image_part: torch.Tensor,  # (batch, 1 | heads, num_queries, num_keys) bool
+    image_part: torch.Tensor | None,  # same shape, or None: no image keys anywhere (causal)
     scaling: float,
     dropout: float = 0.0,
     training: bool = False,
 ) -> torch.Tensor:
-    """Sum of the text-softmax and image-softmax outputs: (batch, heads, num_queries, head_dim)."""
+    """Sum of the text-softmax and image-softmax outputs: (batch, heads, num_queries, head_dim).
+
+    Each softmax is one fused `scaled_dot_product_attention` call with its own mask (two calls
+    for MMCA, one when `image_part` is None), so no (q, k) probability matrix is kept per head
+    for backward and the CPU flash kernel does the work; rows that see no key of a part get zero
+    from it (a fully masked SDPA row is NaN, replaced)."""
+    if dropout > 0.0 and training:
+        return _mmca_attention_eager(query, key, value, text_part, image_part, scaling, dropout)
+    out = _masked_sdpa(query, key, value, text_part, scaling)
+    if image_part is not None:
+        out = out + _masked_sdpa(query, key, value, image_part, scaling)
+    return out
+
+
+def _masked_sdpa(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scaling
+    )  # (b, h, q, d); NaN on rows with no visible key
+    return out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+
+
+def _mmca_attention_eager(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    text_part: torch.Tensor,
+    image_part: torch.Tensor | None,
+    scaling: float,
+    dropout: float,
+) -> torch.Tensor:
+    """The same sum with explicit probabilities, for attention dropout while training."""
     scores = torch.matmul(query, key.transpose(-1, -2)).float() * scaling  # (b, h, q, k)
-    probs = _masked_softmax(scores, text_part) + _masked_softmax(scores, image_part)
-    probs = torch.nn.functional.dropout(probs, p=dropout, training=training).to(value.dtype)
+    probs = _masked_softmax(scores, text_part)
+    if image_part is not None:
+        probs = probs + _masked_softmax(scores, image_part)
+    probs = torch.nn.functional.dropout(probs, p=dropout, training=True).to(value.dtype)
     return torch.matmul(probs, value)
 
 

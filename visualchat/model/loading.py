@@ -48,10 +48,9 @@ EMBEDDED_VISION = VisionConfig(
     custom={"image_size": 96, "patch_size": 12, "width": 256, "layers": 4, "head_width": 64}
 )
 EMBEDDED_SEED = 0
-# The trained vision tower, projector and LoRA of the embedded default (a delta checkpoint).
-EMBEDDED_CHECKPOINT = (
-    Path(__file__).resolve().parent.parent / "assets" / "embedded"
-)  # random init of the (untrained) vision tower and projector is reproducible
+# The trained vision tower, projector and LoRA of the embedded default (a delta checkpoint over
+# the GGUF backbone, built by training/recipes/embedded.yaml and training.export).
+EMBEDDED_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "embedded"
 
 
 @dataclass(frozen=True)
