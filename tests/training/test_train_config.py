@@ -182,3 +182,14 @@ def test_overrides_set_nested_values_list_items_and_refuse_bad_paths() -> None:
     for bad in ("model.attention", "stages.3.steps=1", "stages.x=1", "model.attention.x=1", "=1"):
         with pytest.raises(ValueError, match="override"):
             apply_override(data, bad)
+
+
+@pytest.mark.parametrize("recipe", sorted(Path("training/recipes").glob("*.yaml")), ids=str)
+def test_shipped_recipes_parse_and_name_an_importable_init(recipe: Path) -> None:
+    import importlib
+
+    config = TrainConfig.from_yaml(recipe)
+    assert config.stages and all(stage.steps > 0 for stage in config.stages)
+    if ":" in config.model.init:  # "package.module:function", else a built-in name
+        module, name = config.model.init.split(":")
+        assert callable(getattr(importlib.import_module(module), name))
