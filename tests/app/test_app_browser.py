@@ -90,9 +90,15 @@ def send(page, text: str, files: list[str] = ()) -> None:
 
 
 def set_max_tokens(page, value: int) -> None:
+    """Type the value and make sure the slider has taken it before the next message is sent:
+    on a cold browser the number box can still hold focus (and the old value) when Submit is
+    clicked, and the 'long' reply then ends before Stop can be pressed."""
     box = page.get_by_label("number input for Max new tokens")
     box.fill(str(value))
     box.press("Enter")
+    box.blur()
+    slider = page.get_by_label("range slider for Max new tokens")
+    wait_until(lambda: box.input_value() == str(value) and slider.input_value() == str(value))
 
 
 def test_chat_in_the_browser(served: tuple[str, EngineLoop], tmp_path: Path) -> None:
