@@ -38,6 +38,8 @@ from visualchat.model.modeling import VisualChatModel
 
 logger = logging.getLogger(__name__)
 
+COLOURS_LIST = list(COLOURS)  # index -> colour name, for the read-out
+
 
 @dataclass
 class AlignConfig:
@@ -167,6 +169,3 @@ def _readable(
                 hits += colour == group.colour and shape == group.shape
                 total += 1
     return hits / max(total, 1)
-
-
-COLOURS_LIST = list(COLOURS)
