@@ -34,6 +34,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from data_blend.sources.scenes import COLOURS, REGIONS, SHAPES, WORDS, Scene, generate_scene, render
+from training.vision_pretraining import cell_index
 from visualchat.model.modeling import VisualChatModel
 
 logger = logging.getLogger(__name__)
@@ -72,21 +73,16 @@ class WordVectors:
 def cell_targets(scene: Scene, side: int, words: WordVectors) -> torch.Tensor:
     """(side*side, hidden) target embeddings for a side x side grid of image tokens, row-major
     like `Projector.merge_patches`."""
-    cell = scene.image_size / side
-    hidden = words.mean.numel()
-    bags = torch.zeros(side * side, hidden)
-
-    def index(x: float, y: float) -> int:
-        return min(int(y // cell), side - 1) * side + min(int(x // cell), side - 1)
-
+    bags = torch.zeros(side * side, words.mean.numel())
     for group in scene.groups:
         vector = words.vectors[group.colour] + words.vectors[group.shape]
         vector = vector + words.vectors[group.region]
         for x, y in group.positions:
-            bags[index(x, y)] += vector
+            bags[cell_index(x, y, scene.image_size, side)] += vector
     if scene.word is not None and scene.word_box is not None:
         x0, y0, x1, y1 = scene.word_box
-        bags[index((x0 + x1) / 2, (y0 + y1) / 2)] += words.vectors[scene.word]
+        centre = cell_index((x0 + x1) / 2, (y0 + y1) / 2, scene.image_size, side)
+        bags[centre] += words.vectors[scene.word]
     return bags + words.mean  # (side*side, hidden)
 
 
@@ -99,9 +95,7 @@ def align_projector(
     read out as a bag of the target words, names the object's own colour and shape.
     """
     words = WordVectors(model.language_model.get_input_embeddings().weight, tokenizer)
-    side = math.isqrt(
-        model.projector.merge_patches(torch.zeros(1, model.vision.num_patches, 1)).shape[1]
-    )
+    side = math.isqrt(model.num_image_tokens)  # image tokens form a side x side grid
     rng = random.Random(cfg.seed)
     transform = model.vision.image_transform()
     size = model.vision.image_size[0]
@@ -158,12 +152,10 @@ def _readable(
     colour_ids = [names.index(c) for c in COLOURS]
     shape_ids = [names.index(s) for s in SHAPES]
     hits = total = 0
-    cell = scenes[0].image_size / side
     for b, scene in enumerate(scenes):
         for group in scene.groups:
             for x, y in group.positions:
-                row, col = min(int(y // cell), side - 1), min(int(x // cell), side - 1)
-                token = coefficients[b, row * side + col]  # (words,)
+                token = coefficients[b, cell_index(x, y, scene.image_size, side)]  # (words,)
                 colour = COLOURS_LIST[int(token[colour_ids].argmax())]
                 shape = SHAPES[int(token[shape_ids].argmax())]
                 hits += colour == group.colour and shape == group.shape

@@ -57,6 +57,12 @@ def combo_class(colour: str, shape: str) -> int:
     return 1 + COLOUR_INDEX[colour] * len(SHAPES) + SHAPE_INDEX[shape]
 
 
+def cell_index(x: float, y: float, image_size: int, grid: int) -> int:
+    """Row-major index of the grid x grid cell (patch or merged token) holding pixel (x, y)."""
+    cell = image_size / grid
+    return min(int(y // cell), grid - 1) * grid + min(int(x // cell), grid - 1)
+
+
 def patch_targets(scene: Scene, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(grid*grid,) cover classes and (grid*grid,) centre classes, row-major like the patches."""
     cell = scene.image_size / grid
@@ -77,8 +83,9 @@ def patch_targets(scene: Scene, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
                         cover[index] = combo_class(group.colour, group.shape)
     for group in scene.groups:
         for px, py in group.positions:
-            index = min(int(py // cell), grid - 1) * grid + min(int(px // cell), grid - 1)
-            centre[index] = combo_class(group.colour, group.shape)
+            centre[cell_index(px, py, scene.image_size, grid)] = combo_class(
+                group.colour, group.shape
+            )
     return cover, centre
 
 
