@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import platform
@@ -538,22 +539,21 @@ def cmd_bench_quant(args: argparse.Namespace) -> int:
             from training.evaluate import evaluate_checkpoint
 
             def evaluate(vc) -> dict:
-                chat = vc
                 if args.eval_batch_size > 1:
                     from serving.engine.engine import Engine
 
-                    chat = Engine(vc.model, vc.tokenizer)  # batched greedy: the same answers
-                try:
+                    # Batched greedy, the same answers; closing gives the model its attention back.
+                    chat = contextlib.closing(Engine(vc.model, vc.tokenizer))
+                else:
+                    chat = contextlib.nullcontext(vc)
+                with chat as answerer:
                     report = evaluate_checkpoint(
-                        chat,
+                        answerer,
                         args.eval_data,
                         max_samples=args.max_eval_samples,
                         max_tokens=args.eval_max_tokens,
                         batch_size=args.eval_batch_size,
                     )
-                finally:
-                    # The engine switched the backbone to its paged attention; give it back.
-                    vc.model.set_attention(vc.model.config.attention)
                 summary = report.to_dict()
                 return {
                     "data": args.eval_data,

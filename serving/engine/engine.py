@@ -93,6 +93,19 @@ class Engine:
             model, tokenizer = loading.load_pretrained(path, options)
         return cls(model, tokenizer, config, limits)
 
+    def close(self) -> None:
+        """Abort what is left and hand the model back with its own attention (the engine
+        switched its backbone to paged attention), so it can be used outside the engine again."""
+        for request_id in list(self.requests):
+            self.abort(request_id)
+        self.runner.release()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def budget(self) -> int:
         return self.scheduler.budget

@@ -44,8 +44,15 @@ class ModelRunner:
             dtype=model.dtype,
             device=model.device,
         )
+        # The runner borrows the model: it switches the backbone to paged attention for its
+        # lifetime and `release` gives the model back with the attention it came with.
+        self.model_attention = model.config.attention
         register_paged_attention()
         model.language_model.set_attn_implementation(PAGED_ATTENTION)
+
+    def release(self) -> None:
+        """Restore the model's own attention; the runner must not execute afterwards."""
+        self.model.set_attention(self.model_attention)
 
     def ensure_image_features(self, request: Request, encode) -> None:
         if request.image_features is None and request.inputs.num_images:

@@ -21,6 +21,7 @@ from factories import GREEN, RED, make_conversation, make_image
 from serving.engine import EngineConfig
 from serving.engine.engine import Engine
 from serving.engine.request import RequestStatus
+from visualchat.api import VisualChat
 from visualchat.model.generate import generate
 from visualchat.processor import ContextLengthError, ProcessedInputs
 from visualchat.sampling import SamplingParams
@@ -171,6 +172,24 @@ def test_closing_engine_stream_early_aborts_the_request() -> None:
     assert first and engine.blocks.num_used_blocks > 0
     stream.close()
     assert_cache_empty(engine)
+
+
+@pytest.mark.parametrize("attention", ["mmca", "causal"])
+def test_closing_the_engine_aborts_what_is_left_and_gives_the_model_its_attention_back(
+    attention: str,
+) -> None:
+    with make_engine(attention) as engine:
+        model = engine.model
+        implementation = model.language_model.config._attn_implementation
+        engine.add_request(WORKLOAD[0], GREEDY)
+        engine.step()
+        assert engine.blocks.num_used_blocks > 0
+    assert_cache_empty(engine)
+    assert model.config.attention == attention
+    assert model.language_model.config._attn_implementation != implementation
+    # Outside the engine the model decodes exactly as the reference decoder does.
+    ours = VisualChat(model, engine.tokenizer).generate(WORKLOAD[0], GREEDY).token_ids
+    assert ours == reference(attention).generate(WORKLOAD[0], GREEDY).token_ids
 
 
 def test_request_ids_are_unique() -> None:
