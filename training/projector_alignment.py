@@ -9,9 +9,9 @@ answers stayed at the training prior while words (large, unmistakable) were read
 
 So before the LM is in the loop, the projector learns to write each image token *in the LM's own
 vocabulary*, as a bag of words: a token whose 24 x 24 px cell holds an object's centre becomes
-the sum of the (mean-centred) embeddings of its colour, shape and region words (" red",
-" star", " left"), added once per object centre in the cell, so counting is counting "star"
-tokens; the cell holding the written word's centre becomes that word; every other cell becomes
+the sum of the (mean-centred) embeddings of its group's colour, shape and region words and its
+group's size (" red", " star", " left", "3"), added once per group with a centre in the cell; the
+cell holding the written word's centre becomes that word; every other cell becomes
 the embedding table's mean ("nothing here"). Targets come from the synthetic world's exact
 scene description, training split only. It is a regression of the projector alone on frozen
 patch tokens: no LM forward, seconds per step. Stage 1 then starts from tokens the LM's attention
@@ -33,13 +33,23 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from data_blend.sources.scenes import COLOURS, REGIONS, SHAPES, WORDS, Scene, generate_scene, render
+from data_blend.sources.scenes import (
+    COLOURS,
+    MAX_COUNT,
+    REGIONS,
+    SHAPES,
+    WORDS,
+    Scene,
+    generate_scene,
+    render,
+)
 from training.vision_pretraining import cell_index
 from visualchat.model.modeling import VisualChatModel
 
 logger = logging.getLogger(__name__)
 
-COLOURS_LIST = list(COLOURS)  # index -> colour name, for the read-out
+# Group sizes, as the digits count answers are written in (the assistant writes "3", not " 3").
+COUNT_WORDS: tuple[str, ...] = tuple(str(n) for n in range(1, max(MAX_COUNT.values()) + 1))
 
 
 @dataclass
@@ -61,12 +71,12 @@ class WordVectors:
     def __init__(self, embeddings: torch.Tensor, tokenizer: PreTrainedTokenizerBase) -> None:
         table = embeddings.detach().float()  # (vocab, hidden)
         self.mean = table.mean(0)  # (hidden,)
-        vocabulary = [*COLOURS, *SHAPES, *REGIONS, *WORDS]
         self.vectors: dict[str, torch.Tensor] = {}
-        for word in vocabulary:
-            # Space-prefixed, the form the words take inside questions; a word split into
-            # several tokens is represented by their mean.
-            ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        for word in [*COLOURS, *SHAPES, *REGIONS, *WORDS, *COUNT_WORDS]:
+            # Names space-prefixed, the form they take inside questions (a digit would become
+            # " " + digit); a word split into several tokens is represented by their mean.
+            text = word if word in COUNT_WORDS else " " + word
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             self.vectors[word] = table[ids].mean(0) - self.mean  # (hidden,)
 
 
@@ -76,9 +86,10 @@ def cell_targets(scene: Scene, side: int, words: WordVectors) -> torch.Tensor:
     bags = torch.zeros(side * side, words.mean.numel())
     for group in scene.groups:
         vector = words.vectors[group.colour] + words.vectors[group.shape]
-        vector = vector + words.vectors[group.region]
-        for x, y in group.positions:
-            bags[cell_index(x, y, scene.image_size, side)] += vector
+        vector = vector + words.vectors[group.region] + words.vectors[str(group.count)]
+        # Once per cell, however many of the group's centres it holds: the count is in the bag.
+        for cell in {cell_index(x, y, scene.image_size, side) for x, y in group.positions}:
+            bags[cell] += vector
     if scene.word is not None and scene.word_box is not None:
         x0, y0, x1, y1 = scene.word_box
         centre = cell_index((x0 + x1) / 2, (y0 + y1) / 2, scene.image_size, side)
@@ -91,8 +102,9 @@ def align_projector(
 ) -> list[dict]:
     """Train `model.projector` in place on frozen vision features; returns the logged history.
 
-    Logged: the regression loss and `colour_shape_acc`, how often an object-centre token,
-    read out as a bag of the target words, names the object's own colour and shape.
+    Logged: the regression loss and, for object-centre tokens read out as bags of the target
+    words, how often they name the object's own colour and shape (`colour_shape_acc`), its
+    group's region (`region_acc`) and its group's size (`count_acc`).
     """
     words = WordVectors(model.language_model.get_input_embeddings().weight, tokenizer)
     side = math.isqrt(model.num_image_tokens)  # image tokens form a side x side grid
@@ -130,9 +142,7 @@ def align_projector(
                 "stage": "projector_alignment",
                 "step": step + 1,
                 "loss": loss.item(),
-                "colour_shape_acc": _readable(
-                    (outputs.detach() - words.mean) @ readout, names, scenes, side
-                ),
+                **_readable((outputs.detach() - words.mean) @ readout, names, scenes, side),
                 "seconds": time.perf_counter() - started,
             }
             history.append(entry)
@@ -146,18 +156,33 @@ def _readable(
     names: list[str],
     scenes: list[Scene],
     side: int,
-) -> float:
-    """Fraction of object centres whose token decodes to the object's colour and shape (the
-    largest coefficient among colours, and among shapes)."""
-    colour_ids = [names.index(c) for c in COLOURS]
-    shape_ids = [names.index(s) for s in SHAPES]
-    hits = total = 0
+) -> dict[str, float]:
+    """Fractions of object centres whose token decodes (the largest coefficient within each kind
+    of word) to the object's colour and shape, its group's region, and its group's size."""
+    ids = {
+        kind: [names.index(w) for w in kind_words]
+        for kind, kind_words in (
+            ("colour", COLOURS),
+            ("shape", SHAPES),
+            ("region", REGIONS),
+            ("count", COUNT_WORDS),
+        )
+    }
+
+    def decoded(token: torch.Tensor, kind: str) -> str:
+        return names[ids[kind][int(token[ids[kind]].argmax())]]
+
+    hits = {"colour_shape_acc": 0, "region_acc": 0, "count_acc": 0}
+    total = 0
     for b, scene in enumerate(scenes):
         for group in scene.groups:
             for x, y in group.positions:
                 token = coefficients[b, cell_index(x, y, scene.image_size, side)]  # (words,)
-                colour = COLOURS_LIST[int(token[colour_ids].argmax())]
-                shape = SHAPES[int(token[shape_ids].argmax())]
-                hits += colour == group.colour and shape == group.shape
+                hits["colour_shape_acc"] += (
+                    decoded(token, "colour") == group.colour
+                    and decoded(token, "shape") == group.shape
+                )
+                hits["region_acc"] += decoded(token, "region") == group.region
+                hits["count_acc"] += decoded(token, "count") == str(group.count)
                 total += 1
-    return hits / max(total, 1)
+    return {name: value / max(total, 1) for name, value in hits.items()}

@@ -6,8 +6,12 @@ model's loss is slow on a CPU (every step runs the 135M-parameter LM forward and
 the tower first learns on its own with dense targets the synthetic world knows exactly: for
 every patch, which object covers its centre (a colour+shape class, a word class, or background)
 and whether an object's centre falls inside it (which makes counting a matter of counting
-patches). Two linear heads read the patch tokens; they are thrown away afterwards, and the
-patch tokens, now carrying that information, go to the projector. Only training-split scenes
+patches), plus, on every patch of an object, two properties of the object's whole group that
+no single patch shows: how many objects the group has, and which region of the image it lies in.
+(Without them the token of a star could not say "three stars" or "on the left": the projector
+reads one 2 x 2 square of patches at a time, so only the ViT's global attention can gather them.)
+Linear heads read the patch tokens; they are thrown away afterwards, and the patch tokens, now
+carrying that information, go to the projector. Only training-split scenes
 are used, so no held-out scene is ever seen.
 """
 
@@ -19,11 +23,22 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from data_blend.sources.scenes import COLOURS, SHAPES, WORDS, Scene, generate_scene, render
+from data_blend.sources.scenes import (
+    COLOURS,
+    MAX_COUNT,
+    REGIONS,
+    SHAPES,
+    WORDS,
+    Group,
+    Scene,
+    generate_scene,
+    render,
+)
 from visualchat.model.vision import VisionTower
 
 logger = logging.getLogger(__name__)
@@ -33,6 +48,8 @@ COLOUR_INDEX = {c: i for i, c in enumerate(COLOURS)}
 SHAPE_INDEX = {s: i for i, s in enumerate(SHAPES)}
 NUM_COVER_CLASSES = 1 + NUM_COMBOS + len(WORDS)  # background, colour x shape, words
 NUM_CENTRE_CLASSES = 1 + NUM_COMBOS  # nothing, or the colour x shape whose centre is here
+NUM_COUNT_CLASSES = 1 + max(MAX_COUNT.values())  # no object, or its group's size 1..4
+NUM_REGION_CLASSES = 1 + len(REGIONS)  # no object, or its group's region
 
 
 @dataclass
@@ -63,11 +80,26 @@ def cell_index(x: float, y: float, image_size: int, grid: int) -> int:
     return min(int(y // cell), grid - 1) * grid + min(int(x // cell), grid - 1)
 
 
-def patch_targets(scene: Scene, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grid*grid,) cover classes and (grid*grid,) centre classes, row-major like the patches."""
+class PatchTargets(NamedTuple):
+    """Per-patch class targets, each (grid*grid,) long, row-major like the patches."""
+
+    cover: torch.Tensor  # 0, the colour x shape covering the patch centre, or the word
+    centre: torch.Tensor  # 0, or the colour x shape whose object centre lies in the patch
+    count: torch.Tensor  # 0, or the size of the group of the object on the patch
+    region: torch.Tensor  # 0, or 1 + REGIONS index of that group
+
+
+def patch_targets(scene: Scene, grid: int) -> PatchTargets:
     cell = scene.image_size / grid
     cover = torch.zeros(grid * grid, dtype=torch.long)
     centre = torch.zeros(grid * grid, dtype=torch.long)
+    count = torch.zeros(grid * grid, dtype=torch.long)
+    region = torch.zeros(grid * grid, dtype=torch.long)
+
+    def mark(index: int, group: Group) -> None:
+        count[index] = group.count
+        region[index] = 1 + REGIONS.index(group.region)
+
     for row in range(grid):
         for col in range(grid):
             x, y = (col + 0.5) * cell, (row + 0.5) * cell
@@ -81,12 +113,13 @@ def patch_targets(scene: Scene, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
                 for px, py in group.positions:
                     if math.hypot(px - x, py - y) <= radius:
                         cover[index] = combo_class(group.colour, group.shape)
+                        mark(index, group)
     for group in scene.groups:
         for px, py in group.positions:
-            centre[cell_index(px, py, scene.image_size, grid)] = combo_class(
-                group.colour, group.shape
-            )
-    return cover, centre
+            index = cell_index(px, py, scene.image_size, grid)
+            centre[index] = combo_class(group.colour, group.shape)
+            mark(index, group)
+    return PatchTargets(cover, centre, count, region)
 
 
 class PatchHeads(nn.Module):
@@ -94,22 +127,25 @@ class PatchHeads(nn.Module):
         super().__init__()
         self.cover = nn.Linear(width, NUM_COVER_CLASSES)
         self.centre = nn.Linear(width, NUM_CENTRE_CLASSES)
+        self.count = nn.Linear(width, NUM_COUNT_CLASSES)
+        self.region = nn.Linear(width, NUM_REGION_CLASSES)
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cover(tokens), self.centre(tokens)  # (n, patches, classes) each
+    def forward(self, tokens: torch.Tensor) -> PatchTargets:
+        """Logits (n, patches, classes) per target, in PatchTargets' fields."""
+        return PatchTargets(
+            self.cover(tokens), self.centre(tokens), self.count(tokens), self.region(tokens)
+        )
 
 
 def _batch(
     rng: random.Random, cfg: VisionPretrainConfig, transform, grid: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    pixels, covers, centres = [], [], []
+) -> tuple[torch.Tensor, PatchTargets]:
+    pixels, targets = [], []
     for _ in range(cfg.batch_size):
         scene = generate_scene(rng, cfg.image_size, "train", word_probability=cfg.word_probability)
         pixels.append(transform(render(scene)))
-        cover, centre = patch_targets(scene, grid)
-        covers.append(cover)
-        centres.append(centre)
-    return torch.stack(pixels), torch.stack(covers), torch.stack(centres)
+        targets.append(patch_targets(scene, grid))
+    return torch.stack(pixels), PatchTargets(*(torch.stack(t) for t in zip(*targets, strict=True)))
 
 
 def pretrain_vision(
@@ -142,12 +178,17 @@ def pretrain_vision(
     started = time.perf_counter()
     history: list[dict] = []
     for step in range(cfg.steps):
-        pixels, cover, centre = _batch(rng, cfg, transform, grid)
+        pixels, targets = _batch(rng, cfg, transform, grid)  # targets: (b, patches) each
         tokens = vision(pixels)  # (b, patches, width)
-        cover_logits, centre_logits = heads(tokens)
-        loss = nn.functional.cross_entropy(
-            cover_logits.flatten(0, 1), cover.flatten()
-        ) + nn.functional.cross_entropy(centre_logits.flatten(0, 1), centre.flatten())
+        logits = heads(tokens)
+        # Group size and region are asked only of patches that hold an object.
+        on_object = targets.count > 0  # (b, patches)
+        loss = (
+            nn.functional.cross_entropy(logits.cover.flatten(0, 1), targets.cover.flatten())
+            + nn.functional.cross_entropy(logits.centre.flatten(0, 1), targets.centre.flatten())
+            + nn.functional.cross_entropy(logits.count[on_object], targets.count[on_object])
+            + nn.functional.cross_entropy(logits.region[on_object], targets.region[on_object])
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -155,15 +196,16 @@ def pretrain_vision(
         scheduler.step()
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             with torch.no_grad():
-                objects = cover > 0
+                objects = targets.cover > 0
+                everywhere = torch.ones_like(objects)
                 entry = {
                     "stage": "vision_pretrain",
                     "step": step + 1,
                     "loss": float(loss),
-                    "cover_acc_on_objects": float(
-                        (cover_logits.argmax(-1)[objects] == cover[objects]).float().mean()
-                    ),
-                    "centre_acc": float((centre_logits.argmax(-1) == centre).float().mean()),
+                    "cover_acc_on_objects": _accuracy(logits.cover, targets.cover, objects),
+                    "centre_acc": _accuracy(logits.centre, targets.centre, everywhere),
+                    "count_acc_on_objects": _accuracy(logits.count, targets.count, on_object),
+                    "region_acc_on_objects": _accuracy(logits.region, targets.region, on_object),
                     "seconds": time.perf_counter() - started,
                 }
             history.append(entry)
@@ -173,6 +215,11 @@ def pretrain_vision(
     vision.eval()
     cfg.history = history
     return history
+
+
+def _accuracy(logits: torch.Tensor, target: torch.Tensor, where: torch.Tensor) -> float:
+    """Argmax accuracy of (b, patches, classes) logits against (b, patches) targets where set."""
+    return float((logits.argmax(-1)[where] == target[where]).float().mean())
 
 
 def main(argv: list[str] | None = None) -> int:

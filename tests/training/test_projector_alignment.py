@@ -18,8 +18,15 @@ def test_targets_are_word_bags_at_object_centres_and_the_mean_elsewhere() -> Non
     scene = Scene(96, (250, 250, 250), (star, circle), "CAT", (40, 5, 70, 25))
     targets = cell_targets(scene, side=4, words=words)  # 24 px cells
     assert targets.shape == (16, words.mean.numel())
-    red_star_left = words.vectors["red"] + words.vectors["star"] + words.vectors["left"]
-    blue_circle = words.vectors["blue"] + words.vectors["circle"] + words.vectors["right"]
+    red_star_left = (
+        words.vectors["red"] + words.vectors["star"] + words.vectors["left"] + words.vectors["2"]
+    )
+    blue_circle = (
+        words.vectors["blue"]
+        + words.vectors["circle"]
+        + words.vectors["right"]
+        + words.vectors["1"]
+    )
     expected = words.mean.expand(16, -1).clone()
     expected[1 * 4 + 0] += red_star_left  # (10, 40): row 1, column 0
     expected[2 * 4 + 0] += red_star_left  # (12, 60): row 2, column 0
@@ -28,13 +35,24 @@ def test_targets_are_word_bags_at_object_centres_and_the_mean_elsewhere() -> Non
     torch.testing.assert_close(targets, expected)
 
 
-def test_two_centres_in_one_cell_add_up() -> None:
+def test_a_group_counts_once_per_cell_and_its_size_is_in_the_bag() -> None:
     model, tokenizer = make_model(seed=0)
     words = WordVectors(model.language_model.get_input_embeddings().weight, tokenizer)
-    pair = Group("green", "square", "small", "top", ((30, 5), (45, 10)))  # both in cell (0, 1)
-    targets = cell_targets(Scene(96, (250, 250, 250), (pair,)), side=4, words=words)
+    # Two in cell (0, 1), the third in cell (0, 2): the group's size is 3 in both cells.
+    trio = Group("green", "square", "small", "top", ((30, 5), (45, 10), (60, 8)))
+    targets = cell_targets(Scene(96, (250, 250, 250), (trio,)), side=4, words=words)
     bag = words.vectors["green"] + words.vectors["square"] + words.vectors["top"]
-    torch.testing.assert_close(targets[1], words.mean + 2 * bag)
+    bag = bag + words.vectors["3"]
+    torch.testing.assert_close(targets[1], words.mean + bag)
+    torch.testing.assert_close(targets[2], words.mean + bag)
+
+
+def test_count_words_are_the_bare_digits_answers_are_written_in() -> None:
+    model, tokenizer = make_model(seed=0)
+    table = model.language_model.get_input_embeddings().weight.detach().float()
+    words = WordVectors(table, tokenizer)
+    ids = tokenizer("3", add_special_tokens=False)["input_ids"]
+    torch.testing.assert_close(words.vectors["3"], table[ids].mean(0) - words.mean)
 
 
 def test_alignment_trains_only_the_projector_and_lowers_the_loss() -> None:
@@ -46,7 +64,8 @@ def test_alignment_trains_only_the_projector_and_lowers_the_loss() -> None:
     )
     assert history[0]["stage"] == "projector_alignment" and len(history) == 30
     assert history[-1]["loss"] < 0.8 * history[0]["loss"]
-    assert all(0.0 <= h["colour_shape_acc"] <= 1.0 for h in history)
+    for name in ("colour_shape_acc", "region_acc", "count_acc"):
+        assert all(0.0 <= h[name] <= 1.0 for h in history)
     for key, value in model.state_dict().items():
         if key in frozen:
             torch.testing.assert_close(value, frozen[key], msg=key)

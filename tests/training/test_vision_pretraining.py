@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from data_blend.sources.scenes import Group, Scene, generate_scene
+from data_blend.sources.scenes import REGIONS, Group, Scene, generate_scene
 from training.vision_pretraining import (
     NUM_COMBOS,
     VisionPretrainConfig,
@@ -21,13 +21,25 @@ def test_patch_targets_mark_covered_patches_and_object_centres() -> None:
     # One large red circle centred in patch (row 1, col 2) of a 4x4 grid of 24 px patches.
     circle = Group("red", "circle", "large", "center", ((60, 36),))
     scene = Scene(96, (250, 250, 250), (circle,), "CAT", (2, 70, 40, 92))
-    cover, centre = patch_targets(scene, grid=4)
+    cover, centre, count, region = patch_targets(scene, grid=4)
     red_circle = combo_class("red", "circle")
     assert centre.tolist() == [0] * 6 + [red_circle] + [0] * 9
     # The circle (radius 12) covers the centre of its own patch only; the word box (x 2-40,
     # y 70-92) the centres of the first two patches of the bottom row.
     cat = 1 + NUM_COMBOS  # "CAT" is the first word
     assert cover.tolist() == [0] * 6 + [red_circle] + [0] * 5 + [cat, cat, 0, 0]
+    # Group size and region only on the object's patch; the word has neither.
+    assert count.tolist() == [0] * 6 + [1] + [0] * 9
+    assert region.tolist() == [0] * 6 + [1 + REGIONS.index("center")] + [0] * 9
+
+
+def test_group_size_and_region_mark_every_patch_of_the_group() -> None:
+    # Two small blue stars in the left region, one per patch of a 4x4 grid of 24 px patches.
+    stars = Group("blue", "star", "small", "left", ((12, 36), (12, 60)))
+    _, _, count, region = patch_targets(Scene(96, (250, 250, 250), (stars,)), grid=4)
+    left = 1 + REGIONS.index("left")
+    assert count.tolist() == [0] * 4 + [2, 0, 0, 0] + [2, 0, 0, 0] + [0] * 4
+    assert region.tolist() == [0] * 4 + [left, 0, 0, 0] + [left, 0, 0, 0] + [0] * 4
 
 
 def test_a_few_steps_lower_the_loss_and_touch_only_the_tower() -> None:
