@@ -186,3 +186,32 @@ def _readable(
                 hits["count_acc"] += decoded(token, "count") == str(group.count)
                 total += 1
     return {name: value / max(total, 1) for name, value in hits.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m training.projector_alignment --vision runs/stage0/vision.safetensors`: run
+    stage 0b alone on the embedded default and print its read-out history (how well the aligned
+    tokens decode to colour+shape, region and group size), to compare vision towers."""
+    import argparse
+    import json
+
+    from training.embedded import build_embedded
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--vision", required=True, help="stage-0 ViT weights (safetensors)")
+    parser.add_argument("--steps", type=int, default=AlignConfig.steps)
+    parser.add_argument("--json", default=None, help="also write the history here")
+    args = parser.parse_args(argv)
+    model, tokenizer = build_embedded(vision_weights=args.vision, attention="causal")
+    history = align_projector(model, tokenizer, AlignConfig(steps=args.steps))
+    for entry in history:
+        print(json.dumps(entry))
+    if args.json is not None:
+        from visualchat.atomic import atomic_write_json
+
+        atomic_write_json(args.json, history)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

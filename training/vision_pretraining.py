@@ -61,6 +61,12 @@ class VisionPretrainConfig:
     warmup_steps: int = 50
     image_size: int = 96
     word_probability: float = 0.5
+    # Weight of the group-size and region losses against cover and centre: they are easier
+    # (a few classes) and at full weight they took capacity from colour and shape in a
+    # 1800-step run (aligned tokens decoded to their colour+shape 46% of the time, against 89%
+    # for a tower trained on cover and centre alone).
+    group_weight: float = 0.5
+    precision: str = "fp32"  # or "bf16": autocast, ~1.4x faster on CPUs with avx512_bf16
     seed: int = 0
     log_every: int = 50
     history: list[dict] = field(default_factory=list)  # filled in: step, loss, accuracy
@@ -68,6 +74,8 @@ class VisionPretrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("vision pretraining steps and batch_size must be positive")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
 
 
 def combo_class(colour: str, shape: str) -> int:
@@ -179,15 +187,19 @@ def pretrain_vision(
     history: list[dict] = []
     for step in range(cfg.steps):
         pixels, targets = _batch(rng, cfg, transform, grid)  # targets: (b, patches) each
-        tokens = vision(pixels)  # (b, patches, width)
-        logits = heads(tokens)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            tokens = vision(pixels)  # (b, patches, width)
+            logits = PatchTargets(*(t.float() for t in heads(tokens)))
         # Group size and region are asked only of patches that hold an object.
         on_object = targets.count > 0  # (b, patches)
         loss = (
             nn.functional.cross_entropy(logits.cover.flatten(0, 1), targets.cover.flatten())
             + nn.functional.cross_entropy(logits.centre.flatten(0, 1), targets.centre.flatten())
-            + nn.functional.cross_entropy(logits.count[on_object], targets.count[on_object])
-            + nn.functional.cross_entropy(logits.region[on_object], targets.region[on_object])
+            + cfg.group_weight
+            * (
+                nn.functional.cross_entropy(logits.count[on_object], targets.count[on_object])
+                + nn.functional.cross_entropy(logits.region[on_object], targets.region[on_object])
+            )
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -204,6 +216,9 @@ def pretrain_vision(
                     "loss": float(loss),
                     "cover_acc_on_objects": _accuracy(logits.cover, targets.cover, objects),
                     "centre_acc": _accuracy(logits.centre, targets.centre, everywhere),
+                    "centre_acc_on_centres": _accuracy(
+                        logits.centre, targets.centre, targets.centre > 0
+                    ),
                     "count_acc_on_objects": _accuracy(logits.count, targets.count, on_object),
                     "region_acc_on_objects": _accuracy(logits.region, targets.region, on_object),
                     "seconds": time.perf_counter() - started,
@@ -239,11 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=VisionPretrainConfig.steps)
     parser.add_argument("--batch-size", type=int, default=VisionPretrainConfig.batch_size)
     parser.add_argument("--lr", type=float, default=VisionPretrainConfig.lr)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(EMBEDDED_SEED)
     vision = VisionTower(type(EMBEDDED_VISION)(custom=dict(EMBEDDED_VISION.custom)))
-    cfg = VisionPretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+    cfg = VisionPretrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, precision=args.precision
+    )
     history = pretrain_vision(vision, cfg)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

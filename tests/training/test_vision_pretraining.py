@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from data_blend.sources.scenes import REGIONS, Group, Scene, generate_scene
@@ -42,7 +43,8 @@ def test_group_size_and_region_mark_every_patch_of_the_group() -> None:
     assert region.tolist() == [0] * 4 + [left, 0, 0, 0] + [left, 0, 0, 0] + [0] * 4
 
 
-def test_a_few_steps_lower_the_loss_and_touch_only_the_tower() -> None:
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_few_steps_lower_the_loss_and_touch_only_the_tower(precision: str) -> None:
     torch.manual_seed(0)
     tower = VisionTower(
         VisionConfig(
@@ -50,12 +52,20 @@ def test_a_few_steps_lower_the_loss_and_touch_only_the_tower() -> None:
         )
     )
     before = {k: v.clone() for k, v in tower.state_dict().items()}
-    cfg = VisionPretrainConfig(steps=12, batch_size=6, warmup_steps=2, log_every=4, lr=3e-3)
+    cfg = VisionPretrainConfig(
+        steps=12, batch_size=6, warmup_steps=2, log_every=4, lr=3e-3, precision=precision
+    )
     history = pretrain_vision(tower, cfg)
     assert [h["step"] for h in history] == [4, 8, 12]
     assert history[-1]["loss"] < history[0]["loss"]
     assert any(not torch.equal(before[k], v) for k, v in tower.state_dict().items())
     assert not tower.training
+    assert all(p.dtype == torch.float32 for p in tower.parameters())  # autocast, fp32 weights
+
+
+def test_an_unknown_precision_is_refused() -> None:
+    with pytest.raises(ValueError, match="precision"):
+        VisionPretrainConfig(precision="fp16")
 
 
 def test_scenes_come_from_the_training_split() -> None:
