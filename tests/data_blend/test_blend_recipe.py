@@ -20,7 +20,7 @@ RECIPES = Path(__file__).resolve().parents[2] / "data_blend" / "recipes"
 def test_shipped_recipes_load():
     train = BlendRecipe.from_yaml(RECIPES / "embedded_train.yaml")
     assert (train.num_samples, train.max_group, train.max_images, train.max_length) == (
-        6000,
+        8000,
         3,
         6,
         1024,
