@@ -1,0 +1,95 @@
+"""How does one decode step of the engine cost with the number of running sequences?
+
+Continuous batching beats a static batch only as far as a step with fewer live sequences is
+cheaper; this measures that curve on the embedded default (median of timed decode steps after
+the prompts are in), and the language-model head's matrix-vector product three ways, since on a
+CPU that single 49152 x 576 product is a large share of a one-sequence step.
+
+    python benchmarks/engine_step_time.py [--batches 1,2,4,8,16] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from serving.bench import workloads as wl
+from serving.engine import Engine
+from visualchat.atomic import atomic_write_json
+from visualchat.sampling import SamplingParams
+
+
+def decode_step_seconds(engine: Engine, inputs: list, batch: int, steps: int) -> float:
+    """Median wall time of `steps` engine steps while `batch` sequences decode."""
+    params = SamplingParams(max_tokens=steps + 16, ignore_eos=True)
+    ids = [engine.add_request(x, params) for x in inputs[:batch]]
+    while any(engine.requests[i].is_prefill for i in ids):
+        engine.step()  # prompts first: only decode steps are timed
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - started)
+    for request_id in ids:
+        engine.abort(request_id)
+    return statistics.median(times)
+
+
+def head_product_seconds(weight: torch.Tensor, repeats: int = 50) -> dict[str, float]:
+    """One token's (1, hidden) x (vocab, hidden)^T, as F.linear does it, against a transposed
+    contiguous copy and bfloat16 weights (the last changes the numbers, the first two do not)."""
+    x = torch.randn(1, weight.shape[1])
+    transposed = weight.t().contiguous()
+    weight_bf16, x_bf16 = weight.bfloat16(), x.bfloat16()
+    variants = {
+        "linear_fp32": lambda: torch.nn.functional.linear(x, weight),
+        "transposed_fp32": lambda: x @ transposed,
+        "linear_bf16": lambda: torch.nn.functional.linear(x_bf16, weight_bf16),
+    }
+    results = {}
+    for name, run in variants.items():
+        for _ in range(5):
+            run()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - started)
+        results[name] = statistics.median(times)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="1,2,4,8,16")
+    parser.add_argument("--steps", type=int, default=24, help="timed decode steps per batch")
+    parser.add_argument("--out", default=None, help="also write the results here (JSON)")
+    args = parser.parse_args(argv)
+    engine = Engine.from_pretrained()
+    batches = [int(b) for b in args.batches.split(",")]
+    inputs = [engine.process(c) for c in wl.image_chats(max(batches), 0)]
+    steps = {b: decode_step_seconds(engine, inputs, b, args.steps) for b in batches}
+    head = head_product_seconds(engine.model.language_model.get_output_embeddings().weight.data)
+    engine.close()
+    print("running sequences | decode step (ms) | ms per sequence")
+    for b, seconds in steps.items():
+        print(f"{b:17d} | {1e3 * seconds:16.1f} | {1e3 * seconds / b:15.1f}")
+    print("LM head, one token: " + ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in head.items()))
+    if args.out is not None:
+        atomic_write_json(
+            args.out,
+            {
+                "threads": torch.get_num_threads(),
+                "decode_step_s": {str(b): s for b, s in steps.items()},
+                "lm_head_s": head,
+            },
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
