@@ -39,6 +39,7 @@ from data_blend.sources.scenes import (
     generate_scene,
     render,
 )
+from training.config import Precision
 from visualchat.model.vision import VisionTower
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class VisionPretrainConfig:
     # 1800-step run (aligned tokens decoded to their colour+shape 46% of the time, against 89%
     # for a tower trained on cover and centre alone).
     group_weight: float = 0.5
-    precision: str = "fp32"  # or "bf16": autocast, ~1.4x faster on CPUs with avx512_bf16
+    precision: Precision = "fp32"  # or "bf16": autocast, ~1.4x faster on CPUs with avx512_bf16
     seed: int = 0
     log_every: int = 50
     history: list[dict] = field(default_factory=list)  # filled in: step, loss, accuracy

@@ -542,8 +542,9 @@ def cmd_bench_quant(args: argparse.Namespace) -> int:
                 if args.eval_batch_size > 1:
                     from serving.engine.engine import Engine
 
-                    # Batched greedy, the same answers; closing gives the model its attention back.
-                    chat = contextlib.closing(Engine(vc.model, vc.tokenizer))
+                    # Batched greedy, the same answers; leaving the with-block gives the model
+                    # its attention back (Engine.close).
+                    chat = Engine(vc.model, vc.tokenizer)
                 else:
                     chat = contextlib.nullcontext(vc)
                 with chat as answerer:
