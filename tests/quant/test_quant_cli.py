@@ -153,3 +153,34 @@ def test_reference_text_is_the_fixed_offline_english_slice() -> None:
     assert ids.shape == (300,)
     assert torch.equal(ids, reference_token_ids(tokenizer, 300))
     assert tokenizer.decode(ids[:4].tolist()).startswith("The")
+
+
+def test_bench_quant_scores_through_the_engine_as_the_reference_decoder_does(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """`--eval-batch-size` > 1 answers the held-out questions through the serving engine; the
+    greedy answers, hence the scores, must be those of the reference decoder (batch size 1),
+    and the engine must hand each variant's model back for the measurements after it."""
+    import dataclasses
+
+    from data_blend.recipe import BlendRecipe
+    from data_blend.run import run_blend
+
+    recipe = BlendRecipe.from_yaml(
+        Path(__file__).resolve().parents[2] / "data_blend" / "recipes" / "synthetic_tiny.yaml"
+    )
+    run_blend(dataclasses.replace(recipe, output=tmp_path / "set", num_samples=6), progress=False)
+    accuracies = {}
+    for batch_size in (1, 4):
+        out = tmp_path / f"quant-{batch_size}.json"
+        argv = [
+            "bench", "quant", "--model", str(tiny_checkpoint), "--formats", "int8",
+            "--lorc-rank", "0", "--max-text-tokens", "40", "--window", "32", "--stride", "32",
+            "--decode-tokens", "2", "--eval-data", str(tmp_path / "set"),
+            "--eval-max-tokens", "3", "--eval-batch-size", str(batch_size), "--out", str(out),
+        ]  # fmt: skip
+        assert main(argv) == 0
+        variants = json.loads(out.read_text())["variants"]
+        accuracies[batch_size] = [v["accuracy"] for v in variants]
+    assert accuracies[1][0]["overall"]["total"] > 0
+    assert accuracies[4] == accuracies[1]
