@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Collection
 
 import torch
 from safetensors.torch import load_file
@@ -25,15 +26,22 @@ def build_embedded(
     seed: int = 0,
     calibration_images: int = 256,
     align_steps: int = 0,
+    restoring: Collection[str] = (),
 ) -> tuple[VisualChatModel, PreTrainedTokenizerBase]:
     """calibration_images > 0: initialise the projector from that many synthetic training
     scenes (training.projector_init); 0 keeps the plain random initialisation.
     align_steps > 0: then align the projector to the LM's word embeddings for that many steps
-    (training.projector_alignment); needs the pretrained `vision_weights` to mean anything."""
+    (training.projector_alignment); needs the pretrained `vision_weights` to mean anything.
+    restoring: groups a checkpoint will overwrite (training.model_init.init_model): their
+    initialisation is skipped (the tower's weights file, the projector's calibration and
+    alignment)."""
     backbone, tokenizer = loading.load_backbone(loading.embedded_gguf_path())
     model = loading.build_model(loading.embedded_config(attention), backbone, seed=seed)
-    if vision_weights is not None:
+    if vision_weights is not None and "vision" not in restoring:
         model.vision.load_state_dict(load_file(vision_weights))
+    if "projector" in restoring:
+        logger.info("projector restored from a checkpoint: calibration and alignment skipped")
+        return model, tokenizer
     if calibration_images > 0:
         _calibrate(model, calibration_images, seed)
     if align_steps > 0:

@@ -53,7 +53,7 @@ def export_checkpoint_delta(
     config = TrainConfig.from_dict(yaml.safe_load((folder / CONFIG_NAME).read_text()))
     stage_index = json.loads((folder / STATE_NAME).read_text())["stage_index"]
     groups = {g for stage in config.stages[: stage_index + 1] for g in stage.trainable}
-    init = init_model(config.model, config.run.seed)
+    init = init_model(config.model, config.run.seed, restoring=groups)
     if "lora" in groups:
         with quiet_peft():
             attach_lora(init.model, config.lora)

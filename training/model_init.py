@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import json
 import logging
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,8 +118,12 @@ def load_group_tensors(
             param.copy_(tensors[name])
 
 
-def init_model(spec: ModelSpec, seed: int) -> InitializedModel:
-    """Build the starting model on CPU; vision and projector built fresh are seeded by `seed`."""
+def init_model(spec: ModelSpec, seed: int, restoring: Collection[str] = ()) -> InitializedModel:
+    """Build the starting model on CPU; vision and projector built fresh are seeded by `seed`.
+
+    restoring: the trainable groups a checkpoint is about to overwrite (resume, export). A
+    factory that takes a `restoring` keyword gets them and may skip their initialisation (the
+    embedded factory's projector calibration and alignment: ~75 s for nothing otherwise)."""
     options = loading.LoadOptions(device="cpu", dtype=spec.dtype)
     if spec.init == EMBEDDED_INIT:
         backbone, tokenizer = loading.load_backbone(loading.embedded_gguf_path(), options)
@@ -128,7 +133,7 @@ def init_model(spec: ModelSpec, seed: int) -> InitializedModel:
             delta.EMBEDDED,
         )
     elif spec.is_factory:
-        result = _from_factory(spec)
+        result = _from_factory(spec, frozenset(restoring))
     else:
         result = _from_path(spec, options, seed)
     if spec.attention is not None:
@@ -148,13 +153,16 @@ def _fresh_config(spec: ModelSpec) -> VisualChatConfig:
     return config
 
 
-def _from_factory(spec: ModelSpec) -> InitializedModel:
+def _from_factory(spec: ModelSpec, restoring: frozenset[str]) -> InitializedModel:
     module_name, _, function_name = spec.init.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as err:
         raise ValueError(f"model.init {spec.init!r}: cannot import the factory: {err}") from err
-    model, tokenizer = factory(**spec.factory_kwargs)
+    kwargs = dict(spec.factory_kwargs)
+    if restoring and "restoring" in inspect.signature(factory).parameters:
+        kwargs["restoring"] = restoring
+    model, tokenizer = factory(**kwargs)
     if not isinstance(model, VisualChatModel):
         raise TypeError(
             f"model.init {spec.init!r} returned a {type(model).__name__}, "

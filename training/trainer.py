@@ -125,7 +125,8 @@ class Trainer:
         self.started = time.perf_counter()
         checkpoint = self._find_checkpoint(resume)
         set_seed(config.run.seed)
-        init = init_model(config.model, config.run.seed)
+        restoring = () if checkpoint is None else self._trained_groups(checkpoint.state.stage_index)
+        init = init_model(config.model, config.run.seed, restoring)
         self.model, self.tokenizer, self.base_backbone = (
             init.model,
             init.tokenizer,

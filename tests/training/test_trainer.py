@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_fixtures import make_record, recipe_dict
+from training_fixtures import FACTORY_CALLS, make_record, recipe_dict
 
 from training.checkpoint import TrainState, find_latest, list_checkpoints
 from training.config import ModelSpec, TrainConfig
@@ -298,6 +299,43 @@ def test_a_factory_init_trains_and_exports(tmp_path, backbone_dir, train_dir) ->
         )
         actual = loaded(batch.input_ids, batch.token_modality, pixel_values=batch.pixel_values)
     torch.testing.assert_close(actual.logits, expected.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_factory_is_told_which_groups_a_checkpoint_restores(
+    tmp_path, backbone_dir, train_dir
+) -> None:
+    """Resume and export rebuild the model, then overwrite the trained groups from the
+    checkpoint; a factory with a `restoring` keyword hears which (so the embedded one skips its
+    75-s projector alignment), a fresh start says none, a factory without it is called as
+    before (test_a_factory_init_trains_and_exports)."""
+    from training.export import main as export_main
+
+    stages = [
+        {
+            "name": "lora",
+            "trainable": ["lora", "projector"],
+            "steps": 2,
+            "lr": 1e-2,
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj"]},
+        }
+    ]
+    data = recipe_dict(backbone_dir, train_dir, tmp_path / "run", stages=stages, save_every=1)
+    data["model"] = {
+        "init": "training_fixtures:recording_make_model",
+        "factory_kwargs": {"seed": 0},
+        "base_backbone": str(backbone_dir),
+    }
+    FACTORY_CALLS.clear()
+    config = TrainConfig.from_dict(data)
+    run_training(config)
+    assert list(FACTORY_CALLS) == [frozenset()]
+    checkpoints = list_checkpoints(config.output_dir / "checkpoints")
+    assert export_main([str(checkpoints[0]), str(tmp_path / "delta")]) == 0
+    assert FACTORY_CALLS[-1] == {"lora", "projector"}
+    # A resumed run (here: one whose last checkpoint is gone) is told the same.
+    shutil.rmtree(checkpoints[-1])
+    run_training(config)
+    assert FACTORY_CALLS[-1] == {"lora", "projector"}
 
 
 def test_init_errors_are_actionable(tmp_path) -> None:

@@ -4,13 +4,14 @@ backbone folder, and recipes around them."""
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import datasets
 from PIL import Image
 
-from tests.factories import VISION_CONFIG, make_backbone, make_tokenizer
+from tests.factories import VISION_CONFIG, make_backbone, make_model, make_tokenizer
 from visualchat.model import loading
 
 datasets.disable_progress_bars()
@@ -93,6 +94,16 @@ def make_blended_dataset(tmp_path: Path, n: int, name: str = "blend", multi_ever
     datasets.Dataset.from_list(records, features=FEATURES).save_to_disk(str(folder / "data"))
     (folder / "manifest.json").write_text(json.dumps({"num_records": n, "sources": ["test"]}))
     return folder
+
+
+# What `recording_make_model` was told at each call, in order.
+FACTORY_CALLS: list[frozenset[str]] = []
+
+
+def recording_make_model(restoring: Collection[str] = (), **kwargs: Any):
+    """tests.factories.make_model, recording the groups `init_model` says a checkpoint restores."""
+    FACTORY_CALLS.append(frozenset(restoring))
+    return make_model(**kwargs)
 
 
 def save_tiny_backbone(folder: Path, seed: int = 0) -> Path:
