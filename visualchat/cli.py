@@ -160,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="batching,splitfuse,single_stream,curve",
         help="comma-separated subset of batching,splitfuse,single_stream,curve",
     )
+    serving.add_argument(
+        "--splitfuse-workload",
+        choices=["mixed", "fastgen"],
+        default="mixed",
+        help="mixed: streams decoding while long prompts arrive; fastgen: every request a long "
+        "prompt (DeepSpeed-FastGen's setup)",
+    )
     serving.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     serving.set_defaults(run=cmd_bench_serving)
     quant = bench_kinds.add_parser(
@@ -427,10 +434,13 @@ def cmd_blend(args: argparse.Namespace) -> int:
 def cmd_bench_serving(args: argparse.Namespace) -> int:
     from serving.bench.run import BenchConfig, format_table, run_serving_bench
 
-    cfg = BenchConfig(model=args.model, out_dir=args.out_dir)
+    cfg = BenchConfig(
+        model=args.model, out_dir=args.out_dir, splitfuse_workload=args.splitfuse_workload
+    )
     if args.quick:
         cfg.num_chats, cfg.same_length, cfg.max_length = 4, 8, 16
         cfg.num_long_prompts, cfg.long_prompt_words, cfg.stream_tokens = 1, 200, 16
+        cfg.fastgen_requests, cfg.fastgen_tokens = 2, 8
         cfg.curve_rates, cfg.curve_requests, cfg.single_stream_tokens = (1.0,), 2, 8
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     unknown = set(parts) - {"batching", "splitfuse", "single_stream", "curve"}

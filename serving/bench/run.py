@@ -38,6 +38,12 @@ class BenchConfig:
     long_prompt_rate: float = 0.3  # arrivals per second (Poisson)
     num_streams: int = 6  # SplitFuse: streams decoding while long prompts arrive
     stream_tokens: int = 128
+    # "mixed": the streams above plus the long prompts; "fastgen": DeepSpeed-FastGen's own
+    # setup, every request a long prompt with a moderate reply, arriving open-loop.
+    splitfuse_workload: str = "mixed"
+    fastgen_requests: int = 12
+    fastgen_rate: float = 0.2  # arrivals per second (Poisson)
+    fastgen_tokens: int = 64
     ttft_sla_s: float = 20.0  # effective throughput: a request counts if it meets both
     min_decode_rate: float = 2.0  # tokens/s after its first token
     splitfuse_budget: int | None = None  # None: the engine's own pick from its latency target
@@ -76,7 +82,24 @@ def _batching(engine: Engine, vc: VisualChat, cfg: BenchConfig) -> dict[str, Any
     return results
 
 
+SPLITFUSE_WORKLOADS = ("mixed", "fastgen")
+
+
 def _splitfuse_workload(cfg: BenchConfig) -> list[tuple[float, Any, int]]:
+    """(arrival s, conversation, output tokens), by arrival."""
+    if cfg.splitfuse_workload not in SPLITFUSE_WORKLOADS:
+        raise ValueError(
+            f"splitfuse_workload must be one of {SPLITFUSE_WORKLOADS}, got {cfg.splitfuse_workload!r}"
+        )
+    if cfg.splitfuse_workload == "fastgen":
+        # Every arrival is a long prefill; unchunked, each one stalls every request decoding
+        # at that moment, so stalls are a larger share of the inter-token gaps than in "mixed"
+        # (where 6 prompts meet 6 x 128 decode steps).
+        times = wl.poisson_arrivals(cfg.fastgen_rate, cfg.fastgen_requests, cfg.seed)
+        return [
+            (t, wl.long_prompt_chat(cfg.long_prompt_words, cfg.seed + 100 + i), cfg.fastgen_tokens)
+            for i, t in enumerate(times)
+        ]
     arrivals = [
         (0.05 * i, c, cfg.stream_tokens) for i, c in enumerate(wl.image_chats(cfg.num_streams, 7))
     ]
@@ -113,7 +136,7 @@ def _summarise_timed(requests: list[wl.TimedRequest], cfg: BenchConfig, seconds:
 
 
 def _splitfuse(model, tokenizer, cfg: BenchConfig) -> dict[str, Any]:
-    results = {}
+    results: dict[str, Any] = {"workload": cfg.splitfuse_workload}
     for chunked in (True, False):
         engine = Engine(
             copy.deepcopy(model),
@@ -271,6 +294,7 @@ def format_table(results: dict[str, Any]) -> str:
         ]
     sf = results.get("splitfuse")
     if sf:
+        rows.append(("splitfuse workload", sf["workload"]))
         for mode in ("chunked", "unchunked"):
             m = sf[mode]
             rows.append(

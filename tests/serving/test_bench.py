@@ -1,0 +1,82 @@
+"""The serving benchmark (`visualchat bench serving`) end to end on a tiny checkpoint at tiny
+sizes: every part runs and writes its JSON, and the SplitFuse part's two workloads are what
+they say."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from factories import make_model
+
+from serving.bench.run import BenchConfig, _splitfuse_workload, format_table, run_serving_bench
+from visualchat.cli import main
+from visualchat.model.loading import save_pretrained
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> BenchConfig:
+    model, tokenizer = make_model(seed=2, attention="causal")
+    root = tmp_path_factory.mktemp("bench")
+    save_pretrained(model, tokenizer, root / "tiny")
+    return BenchConfig(
+        model=str(root / "tiny"),
+        out_dir=str(root / "out"),
+        num_chats=3,
+        same_length=4,
+        min_length=2,
+        max_length=8,
+        long_prompt_words=20,
+        num_long_prompts=1,
+        long_prompt_rate=20.0,
+        num_streams=2,
+        stream_tokens=6,
+        splitfuse_budget=16,
+        fastgen_requests=3,
+        fastgen_rate=20.0,
+        fastgen_tokens=4,
+        curve_rates=(20.0,),
+        curve_requests=2,
+        curve_tokens=3,
+        single_stream_tokens=4,
+    )
+
+
+def test_every_part_runs_and_the_engine_matches_the_reference(tiny_config: BenchConfig) -> None:
+    results = run_serving_bench(tiny_config)
+    assert json.loads(Path(results["json"]).read_text())["splitfuse"]["workload"] == "mixed"
+    for scenario in ("same_length", "varied_length"):
+        assert results["batching"][scenario]["engine_equals_reference_greedy"] is True
+    assert results["single_stream"]["bandwidth_bound_tok_s"] > 0
+    assert Path(results["curve"]["plot"]).stat().st_size > 0
+    splitfuse = results["splitfuse"]
+    for mode in ("chunked", "unchunked"):  # 2 streams and 1 long prompt
+        assert splitfuse[mode]["num_requests"] == 3 and splitfuse[mode]["budget"] == 16
+    table = format_table(results)
+    assert "engine / HF static / sequential" in table
+    assert any(
+        line.split()[:3] == ["splitfuse", "workload", "mixed"] for line in table.splitlines()
+    )
+
+
+def test_the_fastgen_workload_gives_every_request_a_long_prompt(tiny_config: BenchConfig) -> None:
+    cfg = dataclasses.replace(tiny_config, splitfuse_workload="fastgen")
+    results = run_serving_bench(cfg, parts=("splitfuse",))
+    assert "batching" not in results and results["splitfuse"]["workload"] == "fastgen"
+    for mode in ("chunked", "unchunked"):
+        assert results["splitfuse"][mode]["num_requests"] == 3
+    arrivals = _splitfuse_workload(cfg)
+    assert [a[0] for a in arrivals] == sorted(a[0] for a in arrivals)
+    assert all(tokens == cfg.fastgen_tokens for _, _, tokens in arrivals)
+    prompts = [chat.messages[0].parts[0].text for _, chat, _ in arrivals]
+    assert all(len(p.split()) > cfg.long_prompt_words for p in prompts)
+
+
+def test_an_unknown_workload_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match="splitfuse_workload must be one of"):
+        _splitfuse_workload(BenchConfig(splitfuse_workload="bursty"))
+    with pytest.raises(SystemExit):
+        main(["bench", "serving", "--splitfuse-workload", "bursty"])
+    assert "invalid choice" in capsys.readouterr().err
