@@ -68,5 +68,5 @@ def test_the_shipped_model_sees_held_out_scenes(tmp_path) -> None:
     )
     groups = report.by_group()
     assert report.overall().num_total == 80
-    assert report.overall().accuracy >= 0.55, report.table()  # training eval: 71% (80 records)
+    assert report.overall().accuracy >= 0.65, report.table()  # training eval: 76% (80 records)
     assert groups["word"].accuracy >= 0.8, report.table()
