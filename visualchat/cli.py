@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serving.add_argument(
         "--splitfuse-workload",
-        choices=["mixed", "fastgen"],
+        choices=["mixed", "fastgen"],  # serving.bench.run.SplitFuseWorkload (imported lazily)
         default="mixed",
         help="mixed: streams decoding while long prompts arrive; fastgen: every request a long "
         "prompt (DeepSpeed-FastGen's setup)",

@@ -13,7 +13,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -23,6 +23,10 @@ from visualchat.api import VisualChat
 from visualchat.atomic import atomic_write_json
 
 logger = logging.getLogger(__name__)
+
+
+SplitFuseWorkload = Literal["mixed", "fastgen"]
+SPLITFUSE_WORKLOADS: tuple[str, ...] = get_args(SplitFuseWorkload)
 
 
 @dataclass
@@ -40,7 +44,7 @@ class BenchConfig:
     stream_tokens: int = 128
     # "mixed": the streams above plus the long prompts; "fastgen": DeepSpeed-FastGen's own
     # setup, every request a long prompt with a moderate reply, arriving open-loop.
-    splitfuse_workload: str = "mixed"
+    splitfuse_workload: SplitFuseWorkload = "mixed"
     fastgen_requests: int = 12
     fastgen_rate: float = 0.2  # arrivals per second (Poisson)
     fastgen_tokens: int = 64
@@ -80,9 +84,6 @@ def _batching(engine: Engine, vc: VisualChat, cfg: BenchConfig) -> dict[str, Any
             "engine_equals_reference_greedy": eng.token_ids == seq.token_ids,
         }
     return results
-
-
-SPLITFUSE_WORKLOADS = ("mixed", "fastgen")
 
 
 def _splitfuse_workload(cfg: BenchConfig) -> list[tuple[float, Any, int]]:
