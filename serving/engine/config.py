@@ -9,6 +9,10 @@ from dataclasses import dataclass
 class EngineConfig:
     max_num_batched_tokens: int | None = None  # token budget per forward; None: from latency
     target_step_ms: float = 250.0  # latency target used to pick the budget at start-up
+    # The timed pass attends over this many cached tokens before its chunk (capped by the
+    # context and the cache), as a prompt chunk deep in a long prompt does: on a CPU its
+    # attention makes such a pass cost ~3x one at the start of a prompt.
+    probe_context: int = 1024
     min_budget: int = 32  # never pick a budget below this (keeps prefill moving)
     max_budget: int = 2048  # never pick a budget above this
     chunked_prefill: bool = True  # Dynamic SplitFuse; False: whole prompts first, for comparison
@@ -31,6 +35,8 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if not 0 < self.min_budget <= self.max_budget:
             raise ValueError("need 0 < min_budget <= max_budget")
+        if self.probe_context < 0:
+            raise ValueError(f"probe_context must be non-negative, got {self.probe_context}")
         if self.target_step_ms <= 0:
             raise ValueError(f"target_step_ms must be positive, got {self.target_step_ms}")
 

@@ -258,7 +258,8 @@ class Engine:
 
     def _pick_budget(self) -> int:
         """Largest candidate budget whose forward pass stays under the latency target, timed on
-        this machine with a throwaway prompt (FastGen picks its budget the same way)."""
+        this machine with a throwaway prompt chunk after `probe_context` cached tokens (FastGen
+        picks its budget by timing passes the same way)."""
         target = self.config.target_step_ms / 1000
         best = self.config.min_budget
         for budget in BUDGET_CANDIDATES:
@@ -274,9 +275,16 @@ class Engine:
         return best
 
     def _time_pass(self, num_tokens: int, repeats: int = 2) -> float:
+        # The chunk's keys before it are whatever the cache slots hold: only the time counts.
+        prefix = min(
+            self.config.probe_context,
+            self.context_length - num_tokens,
+            self.capacity_tokens - num_tokens,
+        )
+        total = prefix + num_tokens
         inputs = ProcessedInputs(
-            input_ids=torch.full((num_tokens,), 1, dtype=torch.long),
-            token_modality=torch.zeros(num_tokens, dtype=torch.long),
+            input_ids=torch.full((total,), 1, dtype=torch.long),
+            token_modality=torch.zeros(total, dtype=torch.long),
             image_spans=[],
             pixel_values=None,
         )
@@ -288,12 +296,12 @@ class Engine:
             torch.Generator(),
         )
         timings = []
-        if not self.blocks.grow(request.block_table, num_tokens):
+        if not self.blocks.grow(request.block_table, total):
             return float("inf")
         try:
             for _ in range(repeats):
                 started = time.perf_counter()
-                self.runner.execute([ScheduledChunk(request, 0, num_tokens)])
+                self.runner.execute([ScheduledChunk(request, prefix, num_tokens)])
                 timings.append(time.perf_counter() - started)
         finally:
             self.blocks.free(request.block_table)

@@ -21,6 +21,7 @@ from factories import GREEN, RED, make_conversation, make_image
 from serving.engine import EngineConfig
 from serving.engine.engine import Engine
 from serving.engine.request import RequestStatus
+from serving.engine.runner import ModelRunner
 from visualchat.api import VisualChat
 from visualchat.model.generate import generate
 from visualchat.processor import ContextLengthError, ProcessedInputs
@@ -299,6 +300,41 @@ def test_the_budget_is_picked_from_the_latency_target(config: dict, expected: in
     assert_cache_empty(engine)  # the timing passes gave their blocks back
     results, _ = run_engine(engine, [(WORKLOAD[0], GREEDY)])
     assert results[0] == reference_output(0, GREEDY)
+
+
+@pytest.mark.parametrize(
+    ("probe_context", "num_blocks"),
+    [(100, 256), (0, 256), (4096, 256), (4096, 20)],  # 512-token context; 1024 or 80 slots
+)
+def test_the_budget_is_timed_on_a_chunk_deep_in_a_prompt(
+    monkeypatch: pytest.MonkeyPatch, probe_context: int, num_blocks: int
+) -> None:
+    """Each timed pass is one chunk after `probe_context` cached positions (capped so prefix
+    plus chunk fit the context and the cache), as a long prompt's later chunks are."""
+    timed: list[tuple[int, int, int]] = []  # (start, num_tokens, request length)
+    execute = ModelRunner.execute
+
+    def recording(self, chunks):
+        timed.extend((c.start, c.num_tokens, c.request.num_tokens) for c in chunks)
+        return execute(self, chunks)
+
+    monkeypatch.setattr(ModelRunner, "execute", recording)
+    engine = make_engine(
+        max_num_batched_tokens=None,
+        target_step_ms=1e9,
+        probe_context=probe_context,
+        num_blocks=num_blocks,
+    )
+    capacity = num_blocks * 4
+    assert timed and {n for _, n, _ in timed} == {
+        b for b in (32, 64, 128, 256) if b < min(512, capacity)
+    }
+    for start, num_tokens, length in timed:
+        assert start == min(probe_context, 512 - num_tokens, capacity - num_tokens)
+        assert length == start + num_tokens  # the chunk ends the probe prompt: it samples
+    assert_cache_empty(engine)
+    with pytest.raises(ValueError, match="probe_context must be non-negative"):
+        EngineConfig(probe_context=-1)
 
 
 def test_an_explicit_budget_is_used_as_given() -> None:
