@@ -280,6 +280,10 @@ class TrainConfig:
     def output_dir(self) -> Path:
         return Path(self.run.output_dir)
 
+    def groups_trained_through(self, stage_index: int) -> set[str]:
+        """Every group trained by stages 0..stage_index: what a checkpoint then must hold."""
+        return {g for stage in self.stages[: stage_index + 1] for g in stage.trainable}
+
     @classmethod
     def from_dict(cls, data: Any) -> TrainConfig:
         data = _check_keys(cls, data, "recipe")

@@ -52,7 +52,7 @@ def export_checkpoint_delta(
         raise FileNotFoundError(f"{folder} is not a training checkpoint (no {TENSORS_NAME})")
     config = TrainConfig.from_dict(yaml.safe_load((folder / CONFIG_NAME).read_text()))
     stage_index = json.loads((folder / STATE_NAME).read_text())["stage_index"]
-    groups = {g for stage in config.stages[: stage_index + 1] for g in stage.trainable}
+    groups = config.groups_trained_through(stage_index)
     init = init_model(config.model, config.run.seed, restoring=groups)
     if "lora" in groups:
         with quiet_peft():

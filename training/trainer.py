@@ -125,7 +125,10 @@ class Trainer:
         self.started = time.perf_counter()
         checkpoint = self._find_checkpoint(resume)
         set_seed(config.run.seed)
-        restoring = () if checkpoint is None else self._trained_groups(checkpoint.state.stage_index)
+        # Groups the checkpoint overwrites: the model's factory may skip initialising them.
+        restoring = set()
+        if checkpoint is not None:
+            restoring = config.groups_trained_through(checkpoint.state.stage_index)
         init = init_model(config.model, config.run.seed, restoring)
         self.model, self.tokenizer, self.base_backbone = (
             init.model,
@@ -194,10 +197,6 @@ class Trainer:
                 return index
         return len(self.config.stages) - 1
 
-    def _trained_groups(self, stage_index: int) -> set[str]:
-        """Every group trained by stages 0..stage_index: what a checkpoint then must hold."""
-        return {g for stage in self.config.stages[: stage_index + 1] for g in stage.trainable}
-
     def _attach_lora(self) -> None:
         if self.had_adapter and any(s.lora is not None for s in self.config.stages):
             logger.warning("the init already has a LoRA adapter; the recipe's lora block is unused")
@@ -205,7 +204,7 @@ class Trainer:
 
     def _restore(self, checkpoint: Checkpoint) -> TrainState:
         saved = checkpoint.state
-        groups = self._trained_groups(saved.stage_index)
+        groups = self.config.groups_trained_through(saved.stage_index)
         if "lora" in groups:
             self._attach_lora()
         load_group_tensors(self.model, checkpoint.tensors, groups, where=str(checkpoint.folder))
@@ -441,7 +440,9 @@ class Trainer:
         acc = self.accelerator
         rng = gather_object([rng_state()])  # one entry per rank, in rank order
         if acc.is_main_process:
-            tensors = named_group_tensors(self.model, self._trained_groups(stage_index))
+            tensors = named_group_tensors(
+                self.model, self.config.groups_trained_through(stage_index)
+            )
             # ZeRO partitions optimizer state across ranks; it is not part of our checkpoint.
             optimizer_state = (
                 None
