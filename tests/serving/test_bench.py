@@ -34,7 +34,7 @@ def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> BenchConfig:
         num_streams=2,
         stream_tokens=6,
         splitfuse_budget=16,
-        fastgen_requests=3,
+        fastgen_requests=4,  # the mixed workload has 3 requests: the counts tell them apart
         fastgen_rate=20.0,
         fastgen_tokens=4,
         curve_rates=(20.0,),
@@ -66,7 +66,7 @@ def test_the_fastgen_workload_gives_every_request_a_long_prompt(tiny_config: Ben
     results = run_serving_bench(cfg, parts=("splitfuse",))
     assert "batching" not in results and results["splitfuse"]["workload"] == "fastgen"
     for mode in ("chunked", "unchunked"):
-        assert results["splitfuse"][mode]["num_requests"] == 3
+        assert results["splitfuse"][mode]["num_requests"] == 4
     arrivals = _splitfuse_workload(cfg)
     assert [a[0] for a in arrivals] == sorted(a[0] for a in arrivals)
     assert all(tokens == cfg.fastgen_tokens for _, _, tokens in arrivals)
