@@ -16,13 +16,16 @@ from serving.engine.paged_attention import (
 )
 from serving.engine.request import Request
 from serving.engine.scheduler import ScheduledChunk
+from serving.engine.split_linear import SplitLinears
 from visualchat.model.modeling import VisualChatModel
 
 logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model: VisualChatModel, blocks: BlockManager) -> None:
+    def __init__(
+        self, model: VisualChatModel, blocks: BlockManager, split_linear: bool = True
+    ) -> None:
         self.model = model
         self.blocks = blocks
         self.mmca = model.config.attention == "mmca"
@@ -49,10 +52,21 @@ class ModelRunner:
         self.model_attention = model.config.attention
         register_paged_attention()
         model.language_model.set_attn_implementation(PAGED_ATTENTION)
+        # On a multi-core CPU, small-batch passes read the weights on every core (see
+        # split_linear); the layout is given back on release too.
+        threads = torch.get_num_threads()
+        self.split = (
+            SplitLinears(model.language_model, threads)
+            if split_linear and model.device.type == "cpu" and threads > 1
+            else None
+        )
 
     def release(self) -> None:
         """Restore the model's own attention; the runner must not execute afterwards."""
         self.model.set_attention(self.model_attention)
+        if self.split is not None:
+            self.split.release()
+            self.split = None
 
     def ensure_image_features(self, request: Request, encode) -> None:
         if request.image_features is None and request.inputs.num_images:

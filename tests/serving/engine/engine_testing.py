@@ -204,6 +204,7 @@ def complete(scheduler: Scheduler, out: SchedulerOutput, capacity: int | None = 
 
 
 WORKLOAD = workload(10)
+GREEDY = SamplingParams(max_tokens=12)
 
 
 @functools.lru_cache(maxsize=4)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 from engine_testing import (
+    GREEDY,
     WORKLOAD,
     assert_cache_empty,
     make_engine,
@@ -16,8 +17,6 @@ from engine_testing import (
 )
 
 from visualchat.sampling import SamplingParams
-
-GREEDY = SamplingParams(max_tokens=12)
 
 
 def splits_an_image_span(plans) -> bool:

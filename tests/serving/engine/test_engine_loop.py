@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from engine_testing import (
+    GREEDY,
     IMAGES,
     WORKLOAD,
     make_engine,
@@ -27,7 +28,6 @@ from visualchat.processor import ContextLengthError, ProcessedInputs
 from visualchat.sampling import SamplingParams
 from visualchat.session import ChatSession
 
-GREEDY = SamplingParams(max_tokens=12)
 LONG = SamplingParams(max_tokens=380, ignore_eos=True)  # far longer than any test waits
 
 

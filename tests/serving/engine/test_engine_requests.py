@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from engine_testing import (
+    GREEDY,
     IMAGES,
     WORKLOAD,
     assert_cache_empty,
@@ -27,7 +28,6 @@ from visualchat.model.generate import generate
 from visualchat.processor import ContextLengthError, ProcessedInputs
 from visualchat.sampling import SamplingParams
 
-GREEDY = SamplingParams(max_tokens=12)
 SEEDED = SamplingParams(max_tokens=16, temperature=1.0, seed=1234, ignore_eos=True)
 
 # --- seeded sampling -------------------------------------------------------------------------
