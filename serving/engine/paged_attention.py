@@ -48,13 +48,19 @@ class PagedKVStore:
 
 @dataclass
 class AttentionGroup:
-    """Sequences attended together in one padded call."""
+    """Sequences attended together in one padded call, with everything that is the same in
+    every layer worked out once per step (the per-layer work is gathers and the SDPA calls)."""
 
-    query_index: torch.Tensor  # (b, q) flat-batch rows of each sequence's queries (padded)
-    query_valid: torch.Tensor  # (b, q) bool
-    key_slots: torch.Tensor  # (b, k) cache slots of each sequence's positions (padded)
-    text_part: torch.Tensor  # (b, 1, q, k) bool
-    image_part: torch.Tensor | None  # (b, 1, q, k) bool; None for causal attention
+    query_index: torch.Tensor  # (b * q,) flat-batch row of each padded query (0 for padding)
+    num_queries: int  # q: queries per sequence after padding
+    key_slots: torch.Tensor  # (b * k,) cache slot of each padded key position
+    num_keys: int  # k
+    # Masks with each kv head's query heads folded into the query rows (see the forward).
+    text_part: torch.Tensor  # (b, 1, shared * q, k) bool
+    image_part: torch.Tensor | None  # same shape; None for causal attention
+    out_rows: torch.Tensor  # (n,) flat-batch rows of the real queries
+    out_index: torch.Tensor | None  # (n,) their places among the b * q padded ones; None: all
+    rows_in_order: bool  # out_rows is 0, 1, ..., n - 1
 
 
 @dataclass
@@ -71,6 +77,7 @@ def build_group(
     query_positions: list[torch.Tensor],  # per sequence: (q_i,) absolute positions
     key_slots: list[torch.Tensor],  # per sequence: (k_i,) slots of positions 0..k_i-1
     mmca: bool,
+    shared: int,  # query heads per kv head (grouped-query attention)
 ) -> AttentionGroup:
     b = len(query_rows)
     max_q = max(len(r) for r in query_rows)
@@ -98,12 +105,22 @@ def build_group(
         text_part = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]
         image_part = None  # one softmax over everything earlier: a single fused call
     valid = q_valid[:, :, None]
+
+    def folded(part: torch.Tensor) -> torch.Tensor:  # (b, q, k) -> (b, 1, shared * q, k)
+        return (part & valid)[:, None].repeat(1, 1, shared, 1)
+
+    all_valid = bool(q_valid.all())
+    out_rows = q_index[q_valid]
     return AttentionGroup(
-        query_index=q_index,
-        query_valid=q_valid,
-        key_slots=k_slots,
-        text_part=(text_part & valid)[:, None],
-        image_part=None if image_part is None else (image_part & valid)[:, None],
+        query_index=q_index.view(-1),
+        num_queries=max_q,
+        key_slots=k_slots.view(-1),
+        num_keys=max_k,
+        text_part=folded(text_part),
+        image_part=None if image_part is None else folded(image_part),
+        out_rows=out_rows,
+        out_index=None if all_valid else q_valid.view(-1).nonzero().squeeze(1),
+        rows_in_order=torch.equal(out_rows, torch.arange(len(out_rows), device=device)),
     )
 
 
@@ -122,32 +139,37 @@ def paged_attention_forward(
         raise ValueError("paged attention runs only inside the engine (paged_batch= missing)")
     store, layer = paged_batch.store, module.layer_idx
     num_heads, head_dim = query.shape[1], query.shape[3]
+    keys, values = store.keys[layer], store.values[layer]  # (slots, kv_heads, head_dim)
     # (num_tokens, kv_heads, head_dim) written into this layer's slots
-    store.keys[layer][paged_batch.new_slots] = key[0].transpose(0, 1).to(store.keys[layer].dtype)
-    store.values[layer][paged_batch.new_slots] = (
-        value[0].transpose(0, 1).to(store.keys[layer].dtype)
-    )
+    keys.index_copy_(0, paged_batch.new_slots, key[0].transpose(0, 1).to(keys.dtype))
+    values.index_copy_(0, paged_batch.new_slots, value[0].transpose(0, 1).to(keys.dtype))
     scaling = head_dim**-0.5 if scaling is None else scaling
     flat_query = query[0].transpose(0, 1)  # (num_tokens, heads, head_dim)
-    out = torch.zeros_like(flat_query)
+    kv_heads = keys.shape[1]
+    shared = num_heads // kv_heads  # query heads per kv head (grouped-query attention)
+    outputs = []  # (out_rows, attended) per group
     for group in paged_batch.groups:
-        k = store.keys[layer][group.key_slots].transpose(1, 2)  # (b, kv_heads, k, d)
-        v = store.values[layer][group.key_slots].transpose(1, 2)
-        b, kv_heads, num_q = k.shape[0], k.shape[1], group.query_index.shape[1]
-        shared = num_heads // kv_heads  # query heads per kv head (grouped-query attention)
+        b, num_q, num_k = group.text_part.shape[0], group.num_queries, group.num_keys
+        k = keys.index_select(0, group.key_slots).view(b, num_k, kv_heads, head_dim)
+        v = values.index_select(0, group.key_slots).view(b, num_k, kv_heads, head_dim)
+        k, v = k.transpose(1, 2).to(query.dtype), v.transpose(1, 2).to(query.dtype)
         # Query head h uses kv head h // shared: fold each kv head's query heads into its rows,
         # so K and V are read once per kv head instead of copied per query head.
-        q = flat_query[group.query_index]  # (b, q, heads, d)
+        q = flat_query.index_select(0, group.query_index)  # (b * q, heads, d)
         q = q.view(b, num_q, kv_heads, shared, head_dim).permute(0, 2, 3, 1, 4)
         q = q.reshape(b, kv_heads, shared * num_q, head_dim)  # (b, kv_heads, shared*q, d)
-        text_part = group.text_part.repeat(1, 1, shared, 1)  # (b, 1, shared*q, k)
-        image_part = group.image_part
-        if image_part is not None:
-            image_part = image_part.repeat(1, 1, shared, 1)
-        attended = mmca_attention(q, k.to(q.dtype), v.to(q.dtype), text_part, image_part, scaling)
+        attended = mmca_attention(q, k, v, group.text_part, group.image_part, scaling)
         attended = attended.view(b, kv_heads, shared, num_q, head_dim).permute(0, 3, 1, 2, 4)
-        rows = group.query_index[group.query_valid]  # (n,)
-        out[rows] = attended.reshape(b, num_q, num_heads, head_dim)[group.query_valid]
+        attended = attended.reshape(b * num_q, num_heads, head_dim)
+        if group.out_index is not None:
+            attended = attended.index_select(0, group.out_index)  # (n, heads, d)
+        outputs.append((group, attended))
+    num_tokens = flat_query.shape[0]
+    if len(outputs) == 1 and outputs[0][0].rows_in_order and len(outputs[0][1]) == num_tokens:
+        return outputs[0][1].unsqueeze(0), None  # e.g. one decode group: already in row order
+    out = torch.zeros_like(flat_query)
+    for group, attended in outputs:
+        out.index_copy_(0, group.out_rows, attended)
     return out.unsqueeze(0), None  # (1, num_tokens, heads, head_dim)
 
 

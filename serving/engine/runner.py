@@ -39,10 +39,12 @@ class ModelRunner:
             )
         num_heads = lm_config.num_attention_heads
         head_dim = getattr(lm_config, "head_dim", None) or lm_config.hidden_size // num_heads
+        num_kv_heads = getattr(lm_config, "num_key_value_heads", None) or num_heads
+        self.shared_heads = num_heads // num_kv_heads  # query heads per kv head
         self.store = PagedKVStore(
             num_layers=lm_config.num_hidden_layers,
             num_slots=blocks.num_blocks * blocks.block_size,
-            num_kv_heads=getattr(lm_config, "num_key_value_heads", None) or num_heads,
+            num_kv_heads=num_kv_heads,
             head_dim=head_dim,
             dtype=model.dtype,
             device=model.device,
@@ -131,6 +133,7 @@ class ModelRunner:
             [p.to(device) for p in positions],
             [s.to(device) for s in key_slots],
             self.mmca,
+            self.shared_heads,
         )
 
     def _embed(
