@@ -104,3 +104,69 @@ def test_the_split_can_be_turned_off() -> None:
     engine = make_engine(split_linear=False)
     assert engine.runner.split is None
     assert not any("forward" in vars(m) for m in engine.model.modules())
+
+
+class Block(nn.Module):
+    """A decoder block's sibling layers, as transformers' Llama (bias=False) and Qwen2 name them."""
+
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(8, 8, bias=bias)
+        self.k_proj = nn.Linear(8, 4, bias=bias)
+        self.v_proj = nn.Linear(8, 4, bias=bias)
+        self.gate_proj = nn.Linear(8, 6, bias=False)
+        self.up_proj = nn.Linear(8, 6, bias=False)
+
+
+def _sibling_outputs(block: Block, x: torch.Tensor) -> list[torch.Tensor]:
+    names = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    return [getattr(block, name)(x) for name in names]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_siblings_compute_what_each_layer_computes(bias: bool) -> None:
+    torch.manual_seed(0)
+    block = Block(bias)
+    x = torch.randn(1, 5, 8)
+    expected = _sibling_outputs(block, x)
+    split = SplitLinears(block, 2)
+    assert split.num_fused == 2 and len(split.layers) == 5
+    assert block.q_proj.fused_siblings is block.v_proj.fused_siblings
+    # One storage: q, k and v are side by side columns of it.
+    assert block.k_proj.weight.data_ptr() == block.q_proj.weight.data_ptr() + 8 * 4
+    for got, want in zip(_sibling_outputs(block, x), expected, strict=True):
+        assert got.is_contiguous()
+        torch.testing.assert_close(got, want)
+    assert block.q_proj.fused_siblings.input is None  # nothing held once all took theirs
+
+
+def test_fused_siblings_recompute_for_another_input_or_order() -> None:
+    torch.manual_seed(0)
+    block = Block(bias=True)
+    x, y = torch.randn(3, 8), torch.randn(3, 8)
+    want_qx, want_kx, want_ky, want_vy = (
+        block.q_proj(x),
+        block.k_proj(x),
+        block.k_proj(y),
+        block.v_proj(y),
+    )
+    SplitLinears(block, 2)
+    torch.testing.assert_close(block.q_proj(x), want_qx)
+    torch.testing.assert_close(block.k_proj(y), want_ky)  # another input: not x's k
+    torch.testing.assert_close(block.k_proj(y), want_ky)  # asked twice
+    torch.testing.assert_close(block.v_proj(y), want_vy)
+    torch.testing.assert_close(block.k_proj(x), want_kx)
+
+
+def test_release_unfuses_siblings_into_their_own_weights() -> None:
+    torch.manual_seed(0)
+    block = Block(bias=False)
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    SplitLinears(block, 2).release()
+    pointers = set()
+    for name, value in block.state_dict().items():
+        assert value.is_contiguous(), name
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+        pointers.add(value.data_ptr())
+    assert len(pointers) == len(before)
+    assert not any("fused_siblings" in vars(m) or "forward" in vars(m) for m in block.modules())
