@@ -2,8 +2,9 @@
 
 Continuous batching beats a static batch only as far as a step with fewer live sequences is
 cheaper; this measures that curve on the embedded default (median of timed decode steps after
-the prompts are in), and the language-model head's matrix-vector product three ways, since on a
-CPU that single 49152 x 576 product is a large share of a one-sequence step.
+the prompts are in), with the engine's column-split linear layers on and off, and the
+language-model head's matrix-vector product four ways, since on a CPU that single 49152 x 576
+product is a large share of a one-sequence step.
 
     python benchmarks/engine_step_time.py [--batches 1,2,4,8,16] [--out results.json]
 """
@@ -18,7 +19,7 @@ import time
 import torch
 
 from serving.bench import workloads as wl
-from serving.engine import Engine
+from serving.engine import Engine, EngineConfig
 from visualchat.atomic import atomic_write_json
 from visualchat.sampling import SamplingParams
 
@@ -41,13 +42,20 @@ def decode_step_seconds(engine: Engine, inputs: list, batch: int, steps: int) ->
 
 def head_product_seconds(weight: torch.Tensor, repeats: int = 50) -> dict[str, float]:
     """One token's (1, hidden) x (vocab, hidden)^T, as F.linear does it, against a transposed
-    contiguous copy and bfloat16 weights (the last changes the numbers, the first two do not)."""
+    contiguous copy, the engine's column blocks of that copy (one bmm, a block per thread) and
+    bfloat16 weights (the last changes the numbers, the others only the summation order)."""
     x = torch.randn(1, weight.shape[1])
-    transposed = weight.t().contiguous()
+    transposed = weight.t().contiguous()  # (hidden, vocab)
+    parts = torch.get_num_threads()
+    width = transposed.shape[1] // parts
+    blocks = transposed[:, : width * parts].as_strided(
+        (parts, transposed.shape[0], width), (width, transposed.shape[1], 1)
+    )  # (parts, hidden, width)
     weight_bf16, x_bf16 = weight.bfloat16(), x.bfloat16()
     variants = {
         "linear_fp32": lambda: torch.nn.functional.linear(x, weight),
         "transposed_fp32": lambda: x @ transposed,
+        "column_blocks_fp32": lambda: torch.bmm(x.expand(parts, 1, -1), blocks),
         "linear_bf16": lambda: torch.nn.functional.linear(x_bf16, weight_bf16),
     }
     results = {}
@@ -69,22 +77,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=24, help="timed decode steps per batch")
     parser.add_argument("--out", default=None, help="also write the results here (JSON)")
     args = parser.parse_args(argv)
-    engine = Engine.from_pretrained()
     batches = [int(b) for b in args.batches.split(",")]
-    inputs = [engine.process(c) for c in wl.image_chats(max(batches), 0)]
-    steps = {b: decode_step_seconds(engine, inputs, b, args.steps) for b in batches}
+    steps: dict[str, dict[int, float]] = {}
+    for split in (False, True):
+        engine = Engine.from_pretrained(config=EngineConfig(split_linear=split))
+        inputs = [engine.process(c) for c in wl.image_chats(max(batches), 0)]
+        name = "split_linear" if split else "torch_linear"
+        steps[name] = {b: decode_step_seconds(engine, inputs, b, args.steps) for b in batches}
+        engine.close()  # gives the weights their row-major layout back
     head = head_product_seconds(engine.model.language_model.get_output_embeddings().weight.data)
-    engine.close()
-    print("running sequences | decode step (ms) | ms per sequence")
-    for b, seconds in steps.items():
-        print(f"{b:17d} | {1e3 * seconds:16.1f} | {1e3 * seconds / b:15.1f}")
+    print(
+        "running sequences | decode step, torch linear (ms) | split linear (ms) | ms per sequence"
+    )
+    for b in batches:
+        plain, split_s = steps["torch_linear"][b], steps["split_linear"][b]
+        print(f"{b:17d} | {1e3 * plain:30.1f} | {1e3 * split_s:17.1f} | {1e3 * split_s / b:15.1f}")
     print("LM head, one token: " + ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in head.items()))
     if args.out is not None:
         atomic_write_json(
             args.out,
             {
                 "threads": torch.get_num_threads(),
-                "decode_step_s": {str(b): s for b, s in steps.items()},
+                "decode_step_s": {
+                    name: {str(b): s for b, s in curve.items()} for name, curve in steps.items()
+                },
                 "lm_head_s": head,
             },
         )

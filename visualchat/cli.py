@@ -442,6 +442,7 @@ def cmd_bench_serving(args: argparse.Namespace) -> int:
         cfg.num_long_prompts, cfg.long_prompt_words, cfg.stream_tokens = 1, 200, 16
         cfg.fastgen_requests, cfg.fastgen_tokens = 2, 8
         cfg.curve_rates, cfg.curve_requests, cfg.single_stream_tokens = (1.0,), 2, 8
+        cfg.single_stream_rounds = 2
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     unknown = set(parts) - {"batching", "splitfuse", "single_stream", "curve"}
     if unknown:

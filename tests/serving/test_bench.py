@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,7 @@ def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> BenchConfig:
         curve_requests=2,
         curve_tokens=3,
         single_stream_tokens=4,
+        single_stream_rounds=2,
     )
 
 
@@ -49,7 +51,11 @@ def test_every_part_runs_and_the_engine_matches_the_reference(tiny_config: Bench
     assert json.loads(Path(results["json"]).read_text())["splitfuse"]["workload"] == "mixed"
     for scenario in ("same_length", "varied_length"):
         assert results["batching"][scenario]["engine_equals_reference_greedy"] is True
-    assert results["single_stream"]["bandwidth_bound_tok_s"] > 0
+    single = results["single_stream"]
+    assert single["bandwidth_bound_tok_s"] > 0 and len(single["rounds"]) == 2
+    # Each round pairs a bandwidth with the decode rate right after it; the median is quoted.
+    fractions = [r["decode_tok_s"] / r["bandwidth_bound_tok_s"] for r in single["rounds"]]
+    assert single["fraction_of_bound"] == pytest.approx(statistics.median(fractions))
     assert Path(results["curve"]["plot"]).stat().st_size > 0
     splitfuse = results["splitfuse"]
     for mode in ("chunked", "unchunked"):  # 2 streams and 1 long prompt
