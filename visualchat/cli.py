@@ -167,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="mixed: streams decoding while long prompts arrive; fastgen: every request a long "
         "prompt (DeepSpeed-FastGen's setup)",
     )
+    serving.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help="token budget of the SplitFuse and curve engines (default: the engine's own pick)",
+    )
     serving.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     serving.set_defaults(run=cmd_bench_serving)
     quant = bench_kinds.add_parser(
@@ -435,7 +441,10 @@ def cmd_bench_serving(args: argparse.Namespace) -> int:
     from serving.bench.run import BenchConfig, format_table, run_serving_bench
 
     cfg = BenchConfig(
-        model=args.model, out_dir=args.out_dir, splitfuse_workload=args.splitfuse_workload
+        model=args.model,
+        out_dir=args.out_dir,
+        splitfuse_workload=args.splitfuse_workload,
+        splitfuse_budget=args.budget,
     )
     if args.quick:
         cfg.num_chats, cfg.same_length, cfg.max_length = 4, 8, 16

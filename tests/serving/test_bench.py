@@ -86,3 +86,21 @@ def test_an_unknown_workload_is_refused(capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(SystemExit):
         main(["bench", "serving", "--splitfuse-workload", "bursty"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_the_cli_passes_the_budget_and_workload_to_the_bench(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    seen: list[tuple[BenchConfig, tuple[str, ...]]] = []
+
+    def fake_bench(cfg: BenchConfig, parts: tuple[str, ...]) -> dict:
+        seen.append((cfg, parts))
+        return {"json": str(tmp_path / "serving.json")}
+
+    monkeypatch.setattr("serving.bench.run.run_serving_bench", fake_bench)
+    argv = ["bench", "serving", "--parts", "splitfuse", "--splitfuse-workload", "fastgen"]
+    assert main([*argv, "--budget", "32", "--out-dir", str(tmp_path)]) == 0
+    assert main([*argv, "--out-dir", str(tmp_path)]) == 0
+    (with_budget, parts), (default, _) = seen
+    assert parts == ("splitfuse",) and with_budget.splitfuse_workload == "fastgen"
+    assert with_budget.splitfuse_budget == 32 and default.splitfuse_budget is None
