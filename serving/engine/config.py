@@ -21,8 +21,8 @@ class EngineConfig:
     max_cache_tokens: int = 16384  # default cache capacity in tokens (all sequences together)
     max_num_seqs: int = 64  # running sequences at most (decode batch size)
     image_cache_entries: int = 256  # distinct images whose features are kept
-    # CPU only: run the backbone's float32 linear layers as one bmm over a column block per
-    # thread (serving/engine/split_linear.py); decode passes read the weights ~2x faster.
+    # CPU only: run the backbone's float32 linear layers as one bmm over a block of output rows
+    # per thread (serving/engine/split_linear.py); decode passes read the weights ~3x faster.
     split_linear: bool = True
 
     def __post_init__(self) -> None:

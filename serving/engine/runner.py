@@ -55,7 +55,7 @@ class ModelRunner:
         register_paged_attention()
         model.language_model.set_attn_implementation(PAGED_ATTENTION)
         # On a multi-core CPU, small-batch passes read the weights on every core (see
-        # split_linear); the layout is given back on release too.
+        # split_linear); release gives the layers their own forwards back too.
         threads = torch.get_num_threads()
         self.split = (
             SplitLinears(model.language_model, threads)

@@ -1,18 +1,19 @@
-"""Column-split linear layers for small-batch passes on a multi-core CPU.
+"""Split linear layers for small-batch passes on a multi-core CPU.
 
 Why. A decode pass multiplies a handful of rows by every weight matrix, so it is bound by reading
 the weights. On CPU, torch's `linear` with one row goes to MKL's gemv, which runs on one thread:
 ~12 GB/s on the 2-core development machine, against ~36 GB/s that a two-thread read achieves.
-`bmm` over P column blocks of the weight runs the blocks on P threads and reads the weights at
-~23 GB/s in a whole decode pass (~42 GB/s on the 113 MB LM head alone), for the same arithmetic.
-At 64-256 rows (prefill chunks) it is as fast as `linear` (measured in the session note).
+Cut into P blocks of output rows, the same weight becomes one `bmm` of P matrix products run on
+P threads, each streaming its contiguous block: 36-42 GB/s for every matrix of the embedded
+model with one row (measured with weights that do not fit in cache). It is also the faster
+layout tried for 4-256 rows; a first version multiplied the rows by column blocks of a
+transposed copy, which streams narrow blocks (288 columns) at only 15-19 GB/s.
 
-How. While the engine holds the model, every float32 `nn.Linear` of the backbone keeps its weight
-transposed in memory, (in, out) row-major, which is the same values in the same parameter
-(`weight` becomes a column-major view, so code outside the engine still sees an (out, in)
-tensor and `linear` on it is still correct). Its forward becomes one `bmm` of the rows against P
-strided views of that storage, the column blocks. No weight is copied for good: `release` gives
-every weight its row-major layout back.
+How. While the engine holds the model, every float32 `nn.Linear` of the backbone runs its
+forward as that `bmm` over a (P, out/P, in) view of its own weight: nothing is copied or
+re-laid. Siblings that read the same input (q/k/v, gate/up) get their weights stacked in one
+storage, each weight a contiguous row range of it, so each group is one product. `release`
+gives every layer its own forward and every stacked weight its own storage back.
 
 The sums are the same dot products in a different kernel, so results differ from `linear` in the
 last bits (~1e-4 absolute on the embedded model's logits); the engine's greedy output still
@@ -41,8 +42,9 @@ FUSED_SIBLINGS: tuple[tuple[str, ...], ...] = (
 
 def _matmul_blocks(x: torch.Tensor, blocks: torch.Tensor, out_features: int) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])  # (m, in)
-    out = torch.bmm(rows.unsqueeze(0).expand(blocks.shape[0], -1, -1), blocks)  # (parts, m, w)
-    return out.permute(1, 0, 2).reshape(*x.shape[:-1], out_features)  # (..., out)
+    columns = rows.t().unsqueeze(0).expand(blocks.shape[0], -1, -1)  # (parts, in, m)
+    out = torch.bmm(blocks, columns)  # (parts, out / parts, m)
+    return out.permute(2, 0, 1).reshape(*x.shape[:-1], out_features)  # (..., out)
 
 
 def _split_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -58,16 +60,13 @@ class _FusedSiblings:
     def __init__(self, layers: list[nn.Linear], parts: int) -> None:
         self.layers = layers
         self.out_features = sum(layer.out_features for layer in layers)
-        storage = torch.cat([layer.weight.data.t() for layer in layers], dim=1)  # (in, out)
+        storage = torch.cat([layer.weight.data for layer in layers])  # (sum of outs, in)
         self.bounds: list[tuple[int, int]] = []
         for layer in layers:
             start = self.bounds[-1][1] if self.bounds else 0
             self.bounds.append((start, start + layer.out_features))
-            layer.weight.data = storage[:, start : start + layer.out_features].t()
-        width = self.out_features // parts
-        self.blocks = storage.as_strided(
-            (parts, storage.shape[0], width), (width, self.out_features, 1)
-        )  # (parts, in, width)
+            layer.weight.data = storage[start : start + layer.out_features]  # contiguous rows
+        self.blocks = storage.view(parts, -1, storage.shape[1])  # (parts, outs / parts, in)
         self.input: torch.Tensor | None = None
         self.outputs: dict[int, torch.Tensor] = {}
 
@@ -76,10 +75,8 @@ class _FusedSiblings:
             full = _matmul_blocks(x, self.blocks, self.out_features)  # (..., sum of outs)
             self.outputs = {}
             for member, (start, end) in zip(self.layers, self.bounds, strict=True):
-                out = full[..., start:end]
-                self.outputs[id(member)] = (
-                    out.contiguous() if member.bias is None else out + member.bias
-                )
+                out = full[..., start:end].contiguous()
+                self.outputs[id(member)] = out if member.bias is None else out + member.bias
             self.input = x
         out = self.outputs.pop(id(layer))
         if not self.outputs:
@@ -92,7 +89,7 @@ def _fused_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 class SplitLinears:
-    """Switch a module's float32 `nn.Linear` layers to column-split forwards until `release`."""
+    """Switch a module's float32 `nn.Linear` layers to row-block forwards until `release`."""
 
     def __init__(
         self, module: nn.Module, parts: int, fuse: Sequence[Sequence[str]] = FUSED_SIBLINGS
@@ -104,23 +101,15 @@ class SplitLinears:
         self.num_fused = 0
         with torch.no_grad():
             fused = self._fuse(module, fuse)
-            relaid: set[int] = set()  # tied weights (embeddings = LM head) are one parameter
             for layer in module.modules():
                 if not self._splittable(layer) or id(layer) in fused:
                     continue
-                weight = layer.weight
-                if id(weight) not in relaid:
-                    weight.data = weight.data.t().contiguous().t()  # (out, in) column-major
-                    relaid.add(id(weight))
-                storage = weight.data.t()  # (in, out) row-major
-                width = layer.out_features // parts
-                layer.split_weight = storage.as_strided(
-                    (parts, layer.in_features, width), (width, layer.out_features, 1)
-                )  # (parts, in, width): block p holds output columns p*width..(p+1)*width-1
+                # (parts, out / parts, in): block p is output rows p*out/parts.. of the weight
+                layer.split_weight = layer.weight.data.view(parts, -1, layer.in_features)
                 layer.forward = types.MethodType(_split_forward, layer)
                 self.layers.append(layer)
         logger.info(
-            "%d linear layers split into %d column blocks (%d sibling groups fused)",
+            "%d linear layers split into %d row blocks (%d sibling groups stacked)",
             len(self.layers),
             parts,
             self.num_fused,
@@ -151,22 +140,23 @@ class SplitLinears:
     def _splittable(self, layer: nn.Module | None, whole: bool = True) -> bool:
         # Exactly nn.Linear: quantized and adapter layers are subclasses or other classes with
         # their own kernels. float32 only: bf16/fp16 matmuls go to oneDNN, which threads already.
-        # whole: the layer's own columns split evenly (a fused group checks its total instead).
+        # whole: its own output rows split evenly (a stacked group checks its total instead).
         return (
             type(layer) is nn.Linear
             and layer.weight.dtype == torch.float32
             and layer.weight.device.type == "cpu"
+            and layer.weight.is_contiguous()
             and (not whole or layer.out_features % self.parts == 0)
         )
 
     def release(self) -> None:
-        """Give every layer its own forward and its weight its row-major layout back."""
+        """Give every layer its own forward and every stacked weight its own storage back."""
         with torch.no_grad():
             for layer in self.layers:
                 del layer.forward
-                for name in ("split_weight", "fused_siblings"):
-                    if name in vars(layer):
-                        delattr(layer, name)
-                if not layer.weight.is_contiguous():
-                    layer.weight.data = layer.weight.data.contiguous()
+                if "fused_siblings" in vars(layer):
+                    del layer.fused_siblings
+                    layer.weight.data = layer.weight.data.clone()  # savable on its own again
+                else:
+                    del layer.split_weight
         self.layers = []

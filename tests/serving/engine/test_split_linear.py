@@ -1,10 +1,13 @@
-"""Column-split linear layers: same results as `linear`, same parameters, layout given back."""
+"""Split linear layers: same results as `linear`, same parameters, weights given back as they were."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 from engine_testing import GREEDY, WORKLOAD, make_engine, reference
+from safetensors.torch import save_file
 from torch import nn
 
 from serving.engine.split_linear import SplitLinears
@@ -20,7 +23,7 @@ class TiedModel(nn.Module):
         self.proj = nn.Linear(8, 6, bias=True)
         self.head = nn.Linear(8, 12, bias=False)
         self.head.weight = self.embed.weight
-        self.odd = nn.Linear(8, 5)  # 5 columns do not split into 2 blocks
+        self.odd = nn.Linear(8, 5)  # 5 output rows do not split into 2 blocks
         self.low = nn.Linear(8, 6).to(torch.bfloat16)
 
 
@@ -41,7 +44,7 @@ def test_split_layers_compute_what_linear_computes(rows: tuple[int, ...], parts:
         assert got.shape == want.shape
         torch.testing.assert_close(got, want)
     # The split forward is what ran, not linear: its blocks are views of the weight itself.
-    assert model.proj.split_weight.shape == (parts, 8, 6 // parts)
+    assert model.proj.split_weight.shape == (parts, 6 // parts, 8)
     assert model.proj.split_weight.data_ptr() == model.proj.weight.data_ptr()
 
 
@@ -53,18 +56,20 @@ def test_layers_that_do_not_split_are_left_alone() -> None:
         assert layer.weight.is_contiguous()
 
 
-def test_tied_weights_are_relaid_once_and_embeddings_still_look_up_their_rows() -> None:
+def test_weights_keep_their_storage_and_tied_embeddings_still_look_up_their_rows() -> None:
     torch.manual_seed(0)
     model = TiedModel()
     ids = torch.tensor([[0, 5, 11]])
     expected = model.embed(ids)
+    pointers = {name: p.data_ptr() for name, p in model.named_parameters()}
     SplitLinears(model, 2)
     assert model.head.weight is model.embed.weight
-    assert model.head.weight.t().is_contiguous()  # (in, out) row-major, relaid exactly once
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == pointers
+    assert all(p.is_contiguous() for p in model.parameters())
     torch.testing.assert_close(model.embed(ids), expected, rtol=0, atol=0)
 
 
-def test_release_gives_back_the_forward_and_the_row_major_layout() -> None:
+def test_release_gives_back_the_forward_and_leaves_the_weights_as_they_were() -> None:
     torch.manual_seed(0)
     model = TiedModel()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -132,8 +137,9 @@ def test_fused_siblings_compute_what_each_layer_computes(bias: bool) -> None:
     split = SplitLinears(block, 2)
     assert split.num_fused == 2 and len(split.layers) == 5
     assert block.q_proj.fused_siblings is block.v_proj.fused_siblings
-    # One storage: q, k and v are side by side columns of it.
-    assert block.k_proj.weight.data_ptr() == block.q_proj.weight.data_ptr() + 8 * 4
+    # One storage: q, k and v are consecutive row ranges of it (q is 8 rows of 8 floats).
+    assert block.k_proj.weight.data_ptr() == block.q_proj.weight.data_ptr() + 8 * 8 * 4
+    assert block.k_proj.weight.is_contiguous()
     for got, want in zip(_sibling_outputs(block, x), expected, strict=True):
         assert got.is_contiguous()
         torch.testing.assert_close(got, want)
@@ -158,15 +164,16 @@ def test_fused_siblings_recompute_for_another_input_or_order() -> None:
     torch.testing.assert_close(block.k_proj(x), want_kx)
 
 
-def test_release_unfuses_siblings_into_their_own_weights() -> None:
+def test_release_unfuses_siblings_into_their_own_weights(tmp_path: Path) -> None:
     torch.manual_seed(0)
     block = Block(bias=False)
     before = {k: v.clone() for k, v in block.state_dict().items()}
     SplitLinears(block, 2).release()
-    pointers = set()
+    storages = set()
     for name, value in block.state_dict().items():
         assert value.is_contiguous(), name
         torch.testing.assert_close(value, before[name], rtol=0, atol=0)
-        pointers.add(value.data_ptr())
-    assert len(pointers) == len(before)
+        storages.add(value.untyped_storage().data_ptr())
+    assert len(storages) == len(before)  # no weight shares a storage any more
+    save_file(block.state_dict(), tmp_path / "block.safetensors")  # refuses shared storages
     assert not any("fused_siblings" in vars(m) or "forward" in vars(m) for m in block.modules())
