@@ -42,20 +42,19 @@ def decode_step_seconds(engine: Engine, inputs: list, batch: int, steps: int) ->
 
 def head_product_seconds(weight: torch.Tensor, repeats: int = 50) -> dict[str, float]:
     """One token's (1, hidden) x (vocab, hidden)^T, as F.linear does it, against a transposed
-    contiguous copy, the engine's column blocks of that copy (one bmm, a block per thread) and
+    contiguous copy, the engine's blocks of output rows (one bmm, a block per thread) and
     bfloat16 weights (the last changes the numbers, the others only the summation order)."""
     x = torch.randn(1, weight.shape[1])
     transposed = weight.t().contiguous()  # (hidden, vocab)
     parts = torch.get_num_threads()
-    width = transposed.shape[1] // parts
-    blocks = transposed[:, : width * parts].as_strided(
-        (parts, transposed.shape[0], width), (width, transposed.shape[1], 1)
-    )  # (parts, hidden, width)
+    rows = weight.shape[0] // parts * parts
+    blocks = weight[:rows].view(parts, -1, weight.shape[1])  # (parts, vocab / parts, hidden)
+    columns = x.t().unsqueeze(0).expand(parts, -1, -1)  # (parts, hidden, 1)
     weight_bf16, x_bf16 = weight.bfloat16(), x.bfloat16()
     variants = {
         "linear_fp32": lambda: torch.nn.functional.linear(x, weight),
         "transposed_fp32": lambda: x @ transposed,
-        "column_blocks_fp32": lambda: torch.bmm(x.expand(parts, 1, -1), blocks),
+        "row_blocks_fp32": lambda: torch.bmm(blocks, columns),
         "linear_bf16": lambda: torch.nn.functional.linear(x_bf16, weight_bf16),
     }
     results = {}
