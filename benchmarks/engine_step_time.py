@@ -2,7 +2,7 @@
 
 Continuous batching beats a static batch only as far as a step with fewer live sequences is
 cheaper; this measures that curve on the embedded default (median of timed decode steps after
-the prompts are in), with the engine's column-split linear layers on and off, and the
+the prompts are in), with the engine's split linear layers on and off, and the
 language-model head's matrix-vector product four ways, since on a CPU that single 49152 x 576
 product is a large share of a one-sequence step.
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs = [engine.process(c) for c in wl.image_chats(max(batches), 0)]
         name = "split_linear" if split else "torch_linear"
         steps[name] = {b: decode_step_seconds(engine, inputs, b, args.steps) for b in batches}
-        engine.close()  # gives the weights their row-major layout back
+        engine.close()  # hands the model back: its own layers and weight storages
     head = head_product_seconds(engine.model.language_model.get_output_embeddings().weight.data)
     print(
         "running sequences | decode step, torch linear (ms) | split linear (ms) | ms per sequence"

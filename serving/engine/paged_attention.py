@@ -147,7 +147,7 @@ def paged_attention_forward(
     flat_query = query[0].transpose(0, 1)  # (num_tokens, heads, head_dim)
     kv_heads = keys.shape[1]
     shared = num_heads // kv_heads  # query heads per kv head (grouped-query attention)
-    outputs = []  # (out_rows, attended) per group
+    outputs = []  # (group, attended rows) per group
     for group in paged_batch.groups:
         b, num_q, num_k = group.text_part.shape[0], group.num_queries, group.num_keys
         k = keys.index_select(0, group.key_slots).view(b, num_k, kv_heads, head_dim)
