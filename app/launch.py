@@ -3,6 +3,7 @@ API in one server (`mount_ui`, `serve_with_ui`, `visualchat serve --ui`)."""
 
 from __future__ import annotations
 
+import functools
 import hmac
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -60,8 +61,10 @@ def launch_ui(
     settings: the initial generation settings of the page. block: serve until Ctrl-C, then
     stop the engine; False returns at once with the running app (call `.close()` on it).
     """
-    engine = Engine.from_pretrained(model_path, engine_config, device, dtype)
-    loop = EngineLoop(engine)
+    # Built on the loop's own thread: loading, probing and stepping share one OpenMP team.
+    loop = EngineLoop.build(
+        functools.partial(Engine.from_pretrained, model_path, engine_config, device, dtype)
+    )
     try:
         demo = build_app(loop, title=title, settings=settings)
         _, url, _ = demo.launch(

@@ -14,7 +14,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 from serving.engine.engine import Engine, RequestOutput
@@ -37,13 +37,47 @@ class _Submission:
 class EngineLoop:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._start(self._run)
+
+    @classmethod
+    def build(cls, make_engine: Callable[[], Engine]) -> EngineLoop:
+        """Start the loop thread, build the engine on it (model loading and the budget probe
+        included) and return once it is ready; its error, if building fails.
+
+        Why: on a CPU every thread that runs torch's parallel ops gets its own OpenMP team, and
+        once libgomp manages more threads than there are cores it stops spinning between
+        parallel regions, so each op waits for its worker to wake. A model loaded on one thread
+        and stepped on another decodes ~25% slower on 2 cores (benchmarks/thread_penalty.py);
+        built here, loading, probing and stepping share one team. Servers whose other threads
+        do little torch work (request preprocessing of small images stays under torch's
+        parallel grain) then run at the speed of a single-threaded program."""
+        loop = cls.__new__(cls)
+        built: queue.Queue = queue.Queue()  # None when ready, else the exception
+
+        def build_then_run() -> None:
+            try:
+                loop.engine = make_engine()
+            except BaseException as exc:  # handed to the caller below
+                built.put(exc)
+                return
+            built.put(None)
+            loop._run()
+
+        loop._start(build_then_run)
+        error = built.get()
+        if error is not None:
+            loop._stopped.set()
+            raise error
+        return loop
+
+    def _start(self, target: Callable[[], None]) -> None:
         self._inbox: queue.Queue = queue.Queue()
         self._sinks: dict[str, queue.Queue] = {}
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._submit_lock = threading.Lock()  # a submission never slips past shutdown
         self._ids = itertools.count()
-        self._thread = threading.Thread(target=self._run, name="visualchat-engine", daemon=True)
+        self._thread = threading.Thread(target=target, name="visualchat-engine", daemon=True)
         self._thread.start()
 
     # -- caller side --------------------------------------------------------------------------

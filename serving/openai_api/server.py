@@ -8,6 +8,7 @@ a `Router` sends each request to the least-loaded one.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -132,14 +133,18 @@ class APIServer:
     def stop(self) -> None:
         self._server.should_exit = True
 
+    def _engine(self, device: str | None) -> Engine:
+        return Engine.from_pretrained(
+            self.model_path, self.engine_config, device, self.dtype, self.limits
+        )
+
     def _load(self) -> None:
         try:
             for index, device in enumerate(self.devices):
                 logger.info("loading replica %d/%d on %s", index + 1, len(self.devices), device)
-                engine = Engine.from_pretrained(
-                    self.model_path, self.engine_config, device, self.dtype, self.limits
-                )
-                self.loops.append(EngineLoop(engine))
+                # Built on its own loop thread: loading, probing and stepping share one
+                # OpenMP team (EngineLoop.build says why).
+                self.loops.append(EngineLoop.build(functools.partial(self._engine, device)))
             set_backend(self.app, Router(self.loops))
             logger.info("%s ready (%d replica(s))", self.model_name, len(self.loops))
         except BaseException as exc:  # reported through /health, then by run()

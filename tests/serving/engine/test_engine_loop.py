@@ -242,3 +242,31 @@ def test_an_abort_from_elsewhere_ends_the_readers_stream_cleanly(loop: EngineLoo
     assert all(not out.finished for out in rest[:-1])
     assert 1 + sum(len(out.new_token_ids) for out in rest) < LONG.max_tokens
     wait_until(lambda: is_idle(loop))
+
+
+def test_build_makes_the_engine_on_the_loop_thread_and_serves() -> None:
+    built_on: list[threading.Thread] = []
+
+    def make() -> object:
+        built_on.append(threading.current_thread())
+        return make_engine(max_num_batched_tokens=13)
+
+    engine_loop = EngineLoop.build(make)
+    try:
+        # Loading, the budget probe and every step run on the one thread (one OpenMP team).
+        assert built_on == [engine_loop._thread]
+        outputs = list(engine_loop.stream_outputs(WORKLOAD[2], GREEDY))
+        tokens = [t for out in outputs for t in out.new_token_ids]
+        assert tokens == reference_output(2, GREEDY).token_ids
+    finally:
+        engine_loop.shutdown()
+    assert not engine_loop._thread.is_alive()
+
+
+def test_build_hands_a_failed_engine_s_error_to_the_caller() -> None:
+    def fail() -> object:
+        raise OSError("no such checkpoint")
+
+    with pytest.raises(OSError, match="no such checkpoint"):
+        EngineLoop.build(fail)
+    wait_until(lambda: not any(t.name == "visualchat-engine" for t in threading.enumerate()))
