@@ -25,18 +25,10 @@ import urllib.request
 import torch
 from openai import OpenAI
 
+from serving.bench.run import read_bandwidth
 from visualchat.atomic import atomic_write_json
 
 WEIGHT_BYTES = 538_060_032  # embedded backbone, every weight once (tied embedding = LM head)
-
-
-def read_bandwidth(data: torch.Tensor, repeats: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - started)
-    return data.numel() * data.element_size() / best
 
 
 def wait_ready(port: int, timeout: float = 300.0) -> None:

@@ -164,7 +164,7 @@ def _splitfuse(model, tokenizer, cfg: BenchConfig) -> dict[str, Any]:
     return results
 
 
-def _read_bandwidth(data: torch.Tensor, repeats: int = 3) -> float:
+def read_bandwidth(data: torch.Tensor, repeats: int = 3) -> float:
     """Bytes/s of streaming reads (best of `repeats` sums over `data`, larger than any cache)."""
     best = float("inf")
     for _ in range(repeats):
@@ -196,7 +196,7 @@ def _single_stream(engine: Engine, cfg: BenchConfig) -> dict[str, Any]:
     rounds = []
     data = torch.ones(128 * 2**20, dtype=torch.float32)  # 512 MB
     for _ in range(cfg.single_stream_rounds):
-        bandwidth = _read_bandwidth(data)
+        bandwidth = read_bandwidth(data)
         bound = bandwidth / weight_bytes
         direct = _direct_decode_rate(engine, chat, cfg.single_stream_tokens)
         # Through a loop (started after the direct run: only one thread may step an engine),
