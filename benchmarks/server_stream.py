@@ -25,10 +25,9 @@ import urllib.request
 import torch
 from openai import OpenAI
 
-from serving.bench.run import read_bandwidth
+from serving.bench.run import read_bandwidth, weight_bytes_per_token
+from visualchat.api import VisualChat
 from visualchat.atomic import atomic_write_json
-
-WEIGHT_BYTES = 538_060_032  # embedded backbone, every weight once (tied embedding = LM head)
 
 
 def wait_ready(port: int, timeout: float = 300.0) -> None:
@@ -83,12 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     rounds = []
     try:
+        # The bytes a decode step reads, from the same model the server loads (then dropped).
+        weight_bytes = weight_bytes_per_token(VisualChat.from_pretrained(None).model.language_model)
         wait_ready(args.port)
         client = OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="unused")
         stream_rate(client, 8)  # warm-up
         data = torch.ones(128 * 2**20, dtype=torch.float32)  # 512 MB
         for _ in range(args.rounds):
-            bound = read_bandwidth(data) / WEIGHT_BYTES
+            bound = read_bandwidth(data) / weight_bytes
             rate = stream_rate(client, args.tokens)
             rounds.append({"decode_tok_s": rate, "bound_tok_s": bound, "fraction": rate / bound})
     finally:

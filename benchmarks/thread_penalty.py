@@ -17,7 +17,6 @@ import argparse
 import statistics
 import sys
 import threading
-import time
 
 import torch
 
@@ -37,7 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     from serving.engine import Engine, EngineConfig
     from visualchat.api import VisualChat
     from visualchat.atomic import atomic_write_json
-    from visualchat.sampling import SamplingParams
 
     vc = VisualChat.from_pretrained(None)  # loaded on the main thread
     chat = wl.image_chats(1, 99)[0]
@@ -48,12 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine(vc.model, vc.tokenizer, EngineConfig(max_num_batched_tokens=64))
         inputs = engine.process(chat)
         for _ in range(args.repeats):
-            engine.add_request(inputs, SamplingParams(max_tokens=args.tokens, ignore_eos=True))
-            token_times = []
-            while engine.has_unfinished_requests():
-                if engine.step():
-                    token_times.append(time.perf_counter())
-            rates.append((len(token_times) - 1) / (token_times[-1] - token_times[0]))
+            rates.append(wl.direct_decode_rate(engine, inputs, args.tokens))
         engine.close()
 
     worker = threading.Thread(target=on_second_thread)

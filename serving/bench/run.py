@@ -22,7 +22,6 @@ from serving.bench import workloads as wl
 from serving.engine import Engine, EngineConfig, EngineLoop
 from visualchat.api import VisualChat
 from visualchat.atomic import atomic_write_json
-from visualchat.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -120,11 +119,7 @@ def _summarise_timed(requests: list[wl.TimedRequest], cfg: BenchConfig, seconds:
         r
         for r in requests
         if r.ttft <= cfg.ttft_sla_s
-        and (
-            len(r.token_times) < 2
-            or (len(r.token_times) - 1) / (r.token_times[-1] - r.token_times[0])
-            >= cfg.min_decode_rate
-        )
+        and (len(r.token_times) < 2 or r.decode_rate >= cfg.min_decode_rate)
     ]
     tokens = sum(len(r.token_times) for r in requests)
     return {
@@ -164,6 +159,16 @@ def _splitfuse(model, tokenizer, cfg: BenchConfig) -> dict[str, Any]:
     return results
 
 
+def weight_bytes_per_token(language_model: torch.nn.Module) -> int:
+    """Bytes of weights a decode step reads: every parameter once (tied embeddings are one)."""
+    seen, total = set(), 0
+    for p in language_model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
 def read_bandwidth(data: torch.Tensor, repeats: int = 3) -> float:
     """Bytes/s of streaming reads (best of `repeats` sums over `data`, larger than any cache)."""
     best = float("inf")
@@ -180,12 +185,7 @@ def _single_stream(engine: Engine, cfg: BenchConfig) -> dict[str, Any]:
     for _ in range(3):
         result = wl.run_engine(engine, [chat], [cfg.single_stream_tokens])
         rates.append(result.tokens_per_second)
-    lm = engine.model.language_model
-    seen, weight_bytes = set(), 0
-    for p in lm.parameters():
-        if p.data_ptr() not in seen:  # tied embeddings are read once
-            seen.add(p.data_ptr())
-            weight_bytes += p.numel() * p.element_size()
+    weight_bytes = weight_bytes_per_token(engine.model.language_model)
     # The machine's read bandwidth moves from minute to minute (it is shared: 35 to 68 GB/s
     # within one session), so each round measures the bandwidth and then the decode rates right
     # after it, and each fraction quoted is the median of the rounds' own fractions.
@@ -198,7 +198,7 @@ def _single_stream(engine: Engine, cfg: BenchConfig) -> dict[str, Any]:
     for _ in range(cfg.single_stream_rounds):
         bandwidth = read_bandwidth(data)
         bound = bandwidth / weight_bytes
-        direct = _direct_decode_rate(engine, chat, cfg.single_stream_tokens)
+        direct = wl.direct_decode_rate(engine, engine.process(chat), cfg.single_stream_tokens)
         # Through a loop (started after the direct run: only one thread may step an engine),
         # the gaps between streamed tokens (the prompt pass excluded).
         loop = EngineLoop(engine)
@@ -206,7 +206,7 @@ def _single_stream(engine: Engine, cfg: BenchConfig) -> dict[str, Any]:
             timed = wl.run_open_loop(loop, [(0.0, chat, cfg.single_stream_tokens)])[0]
         finally:
             loop.shutdown()
-        looped = (len(timed.token_times) - 1) / (timed.token_times[-1] - timed.token_times[0])
+        looped = timed.decode_rate
         rounds.append(
             {
                 "read_bandwidth_gb_s": bandwidth / 1e9,
@@ -227,19 +227,6 @@ def _single_stream(engine: Engine, cfg: BenchConfig) -> dict[str, Any]:
         **{key: middle(key) for key in rounds[0]},
         "rounds": rounds,
     }
-
-
-def _direct_decode_rate(engine: Engine, chat, num_tokens: int) -> float:
-    """Tokens/s between the first and the last token, stepping the engine on this thread."""
-    request_id = engine.add_request(
-        engine.process(chat), SamplingParams(max_tokens=num_tokens, ignore_eos=True)
-    )
-    token_times = []
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.request_id == request_id and out.new_token_ids:
-                token_times.append(time.perf_counter())
-    return (len(token_times) - 1) / (token_times[-1] - token_times[0])
 
 
 def _curve(model, tokenizer, cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 from serving.engine import Engine, EngineLoop
 from visualchat.api import VisualChat
 from visualchat.messages import Conversation
+from visualchat.processor import ProcessedInputs
 from visualchat.sampling import SamplingParams
 
 COLOURS = ["red", "green", "blue", "orange", "purple", "black", "yellow", "brown"]
@@ -139,6 +140,29 @@ class TimedRequest:
     @property
     def inter_token(self) -> list[float]:
         return [b - a for a, b in zip(self.token_times, self.token_times[1:], strict=False)]
+
+    @property
+    def decode_rate(self) -> float:
+        return decode_rate(self.token_times)
+
+
+def decode_rate(token_times: list[float]) -> float:
+    """Tokens/s after the first token (the prompt pass excluded): gaps over their total time."""
+    return (len(token_times) - 1) / (token_times[-1] - token_times[0])
+
+
+def direct_decode_rate(
+    engine: Engine, prompt: Conversation | ProcessedInputs, num_tokens: int
+) -> float:
+    """Decode rate of one request, stepping the engine on this thread (nothing else may step
+    it meanwhile: an EngineLoop over the same engine must not be running)."""
+    request_id = engine.add_request(prompt, SamplingParams(max_tokens=num_tokens, ignore_eos=True))
+    token_times = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id == request_id and out.new_token_ids:
+                token_times.append(time.perf_counter())
+    return decode_rate(token_times)
 
 
 def run_open_loop(

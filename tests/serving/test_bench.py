@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 from factories import make_model
 
+from serving.bench import workloads as wl
 from serving.bench.run import BenchConfig, _splitfuse_workload, format_table, run_serving_bench
+from serving.engine import Engine, EngineConfig
+from visualchat.api import VisualChat
 from visualchat.cli import main
 from visualchat.model.loading import save_pretrained
 
@@ -109,3 +112,13 @@ def test_the_cli_passes_the_budget_and_workload_to_the_bench(
     (with_budget, parts), (default, _) = seen
     assert parts == ("splitfuse",) and with_budget.splitfuse_workload == "fastgen"
     assert with_budget.splitfuse_budget == 32 and default.splitfuse_budget is None
+
+
+def test_decode_rates_count_the_gaps_after_the_first_token(tiny_config: BenchConfig) -> None:
+    # Five tokens, the first at 1.0 s (prompt pass), then four gaps over 2 s: 2 tokens/s.
+    timed = wl.TimedRequest(arrival=0.0, token_times=[1.0, 1.5, 2.0, 2.5, 3.0])
+    assert timed.decode_rate == wl.decode_rate(timed.token_times) == pytest.approx(2.0)
+    vc = VisualChat.from_pretrained(tiny_config.model)
+    with Engine(vc.model, vc.tokenizer, EngineConfig(max_num_batched_tokens=16)) as engine:
+        assert wl.direct_decode_rate(engine, wl.image_chats(1, 0)[0], 5) > 0
+        assert not engine.has_unfinished_requests() and engine.blocks.num_used_blocks == 0
