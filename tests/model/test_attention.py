@@ -229,6 +229,25 @@ def test_fused_path_matches_explicit_probabilities_in_value_and_gradient() -> No
         torch.testing.assert_close(fused, eager, atol=1e-5, rtol=1e-4)
 
 
+def test_cpu_training_takes_the_explicit_path_with_the_same_result(monkeypatch) -> None:
+    """Training on CPU never calls SDPA (its backward is the slow part there); the output is
+    the one the fused inference path gives."""
+    import visualchat.model.attention as attention
+
+    q, k, v = random_qkv(batch=2, heads=2, kv_heads=2, num_queries=16, num_keys=16)
+    positions = torch.arange(16)
+    text_part, image_part = mmca_masks(TAGS, TAGS, positions, positions)
+    masks = text_part[:, None], image_part[:, None]
+    inference = mmca_attention(q, k, v, *masks, 0.3, training=False)
+
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("SDPA called while training on CPU")
+
+    monkeypatch.setattr(attention, "_masked_sdpa", no_sdpa)
+    training = mmca_attention(q, k, v, *masks, 0.3, training=True)
+    torch.testing.assert_close(training, inference, atol=1e-5, rtol=1e-4)
+
+
 # --- the transformers attention function ------------------------------------------------------
 
 

@@ -74,8 +74,12 @@ def mmca_attention(
     Each softmax is one fused `scaled_dot_product_attention` call with its own mask (two calls
     for MMCA, one when `image_part` is None), so no (q, k) probability matrix is kept per head
     for backward and the CPU flash kernel does the work; rows that see no key of a part get zero
-    from it (a fully masked SDPA row is NaN, replaced)."""
-    if dropout > 0.0 and training:
+    from it (a fully masked SDPA row is NaN, replaced).
+
+    Training on CPU takes the explicit-probability path instead (one score matmul shared by
+    both softmaxes): torch's CPU flash-attention backward is the slow part of a training step
+    there (see training.trainer.use_training_attention for the causal kernel's figures)."""
+    if training and (dropout > 0.0 or query.device.type == "cpu"):
         return _mmca_attention_eager(query, key, value, text_part, image_part, scaling, dropout)
     out = _masked_sdpa(query, key, value, text_part, scaling)
     if image_part is not None:
@@ -101,12 +105,14 @@ def _mmca_attention_eager(
     scaling: float,
     dropout: float,
 ) -> torch.Tensor:
-    """The same sum with explicit probabilities, for attention dropout while training."""
+    """The same sum with explicit probabilities (attention dropout; CPU training)."""
     scores = torch.matmul(query, key.transpose(-1, -2)).float() * scaling  # (b, h, q, k)
     probs = _masked_softmax(scores, text_part)
     if image_part is not None:
         probs = probs + _masked_softmax(scores, image_part)
-    probs = torch.nn.functional.dropout(probs, p=dropout, training=True).to(value.dtype)
+    if dropout > 0.0:
+        probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
+    probs = probs.to(value.dtype)
     return torch.matmul(probs, value)
 
 
