@@ -63,6 +63,26 @@ def test_a_few_steps_lower_the_loss_and_touch_only_the_tower(precision: str) -> 
     assert all(p.dtype == torch.float32 for p in tower.parameters())  # autocast, fp32 weights
 
 
+def test_the_tower_trains_with_the_math_attention_backend(monkeypatch) -> None:
+    """Its forward (and so the backward autograd records) runs with flash attention off."""
+    flash_enabled: list[bool] = []
+    forward = VisionTower.forward
+
+    def recording_forward(self, *args, **kwargs):
+        flash_enabled.append(torch.backends.cuda.flash_sdp_enabled())
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(VisionTower, "forward", recording_forward)
+    tower = VisionTower(
+        VisionConfig(
+            custom={"image_size": 96, "patch_size": 24, "width": 32, "layers": 1, "head_width": 16}
+        )
+    )
+    pretrain_vision(tower, VisionPretrainConfig(steps=2, batch_size=2, warmup_steps=1))
+    assert flash_enabled and not any(flash_enabled)
+    assert torch.backends.cuda.flash_sdp_enabled()  # switched back afterwards
+
+
 def test_an_unknown_precision_is_refused() -> None:
     with pytest.raises(ValueError, match="precision"):
         VisionPretrainConfig(precision="fp16")
