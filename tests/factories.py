@@ -140,11 +140,13 @@ def make_backbone(
 
 
 def make_config(
-    attention: str = "mmca", projector: str = "mlp", num_latents: int = 4
+    attention: str = "mmca", projector: str = "mlp", num_latents: int = 4, image_indices: int = 0
 ) -> VisualChatConfig:
     return VisualChatConfig(
         vision=VisionConfig(custom=dict(VISION_CONFIG)),
-        projector=ProjectorConfig(type=projector, num_latents=num_latents, depth=1),
+        projector=ProjectorConfig(
+            type=projector, num_latents=num_latents, depth=1, image_indices=image_indices
+        ),
         attention=attention,
     )
 
@@ -156,11 +158,18 @@ def make_model(
     seed: int = 0,
     tie_word_embeddings: bool = False,
     with_chat_template: bool | str = True,
+    image_indices: int = 0,
 ) -> tuple[VisualChatModel, PreTrainedTokenizerFast]:
-    """A tiny VisualChatModel (custom 16-patch open_clip ViT) and its tokenizer."""
+    """A tiny VisualChatModel (custom 16-patch open_clip ViT) and its tokenizer. With
+    image_indices > 0 the image-number vectors are random (as if trained), not zero."""
     tokenizer = make_tokenizer(with_chat_template)
     backbone = make_backbone(tokenizer, arch, seed, tie_word_embeddings)
-    model = build_model(make_config(attention, projector), backbone, seed=seed)
+    config = make_config(attention, projector, image_indices=image_indices)
+    model = build_model(config, backbone, seed=seed)
+    if image_indices:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            model.projector.image_index.normal_(0.0, 1.0, generator=generator)
     return model, tokenizer
 
 

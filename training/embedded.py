@@ -6,6 +6,7 @@ Used as `model.init: training.embedded:build_embedded` in training/recipes/embed
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections.abc import Collection
@@ -26,17 +27,22 @@ def build_embedded(
     seed: int = 0,
     calibration_images: int = 256,
     align_steps: int = 0,
+    image_indices: int = 0,
     restoring: Collection[str] = (),
 ) -> tuple[VisualChatModel, PreTrainedTokenizerBase]:
     """calibration_images > 0: initialise the projector from that many synthetic training
     scenes (training.projector_init); 0 keeps the plain random initialisation.
     align_steps > 0: then align the projector to the LM's word embeddings for that many steps
     (training.projector_alignment); needs the pretrained `vision_weights` to mean anything.
+    image_indices > 0: the projector adds a learned vector per image number (ProjectorConfig;
+    tried on the embedded default and not kept, see README).
     restoring: groups a checkpoint will overwrite (training.model_init.init_model): their
     initialisation is skipped (the tower's weights file, the projector's calibration and
     alignment)."""
     backbone, tokenizer = loading.load_backbone(loading.embedded_gguf_path())
-    model = loading.build_model(loading.embedded_config(attention), backbone, seed=seed)
+    config = loading.embedded_config(attention)
+    config.projector = dataclasses.replace(config.projector, image_indices=image_indices)
+    model = loading.build_model(config, backbone, seed=seed)
     if vision_weights is not None and "vision" not in restoring:
         model.vision.load_state_dict(load_file(vision_weights))
     if "projector" in restoring:

@@ -149,5 +149,7 @@ class ModelRunner:
             feats = torch.stack(
                 [req.image_features[image, offset] for _, req, image, offset in image_rows]
             )  # (num_image_rows, hidden)
-            embeds[rows] = feats.to(embeds.dtype)
+            numbers = torch.tensor([image + 1 for _, _, image, _ in image_rows], device=device)
+            feats = self.model.projector.add_image_index(feats.to(embeds.dtype), numbers)
+            embeds[rows] = feats
         return embeds.unsqueeze(0)

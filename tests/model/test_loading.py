@@ -33,16 +33,23 @@ def logits_with_images(model: VisualChatModel) -> torch.Tensor:
     return model(torch.tensor([ids]), torch.tensor([tags]), pixel_values=pixels).logits
 
 
-@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize(
+    ("tie", "image_indices"),
+    [(False, 0), (True, 0), (False, 2)],
+    ids=["untied", "tied", "numbered"],
+)
 @pytest.mark.parametrize("attention", ["mmca", "causal"])
-def test_round_trip_gives_identical_logits(tmp_path: Path, attention: str, tie: bool) -> None:
-    model, tokenizer = make_model(attention, tie_word_embeddings=tie)
+def test_round_trip_gives_identical_logits(
+    tmp_path: Path, attention: str, tie: bool, image_indices: int
+) -> None:
+    model, tokenizer = make_model(attention, tie_word_embeddings=tie, image_indices=image_indices)
     folder = tmp_path / "ckpt"
     save_pretrained(model, tokenizer, folder)
     assert is_checkpoint(folder)
     loaded, loaded_tokenizer = load_pretrained(folder, LoadOptions(device="cpu"))
     assert loaded.config.attention == attention
     assert loaded.config.to_dict() == model.config.to_dict()
+    assert loaded.config.projector.image_indices == image_indices
     assert loaded.dtype == torch.float32
     assert not loaded.training
     lm = loaded.language_model

@@ -348,3 +348,15 @@ def test_loss_is_cross_entropy_over_the_labelled_positions(mmca_model: VisualCha
     # Causal LM loss: logits at position t predict the label at t + 1.
     expected = torch.nn.functional.cross_entropy(out.logits[0, 39:43], ids[0, 40:44])
     torch.testing.assert_close(out.loss, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_embed_adds_each_image_its_number_vector() -> None:
+    model, _ = make_model(image_indices=2)
+    ids, tags = layout(TEXT_A, IMAGE, TEXT_B, IMAGE, TEXT_C)
+    features = torch.randn(1, NUM_IMAGE_TOKENS, 32).expand(2, -1, -1)  # the same image twice
+    with torch.no_grad():
+        embeds = model.embed(ids, tags, features)
+    vectors = model.projector.image_index.detach()
+    torch.testing.assert_close(embeds[0, IMAGE1], features[0] + vectors[0])
+    torch.testing.assert_close(embeds[0, IMAGE2], features[1] + vectors[1])
+    assert (embeds[0, IMAGE1] - embeds[0, IMAGE2]).abs().max() > 0.1

@@ -99,3 +99,42 @@ def test_merge_rejects_grids_it_cannot_tile() -> None:
         projector.num_output_tokens(16)
     with pytest.raises(ValueError, match="merge applies to linear/mlp"):
         ProjectorConfig(type="perceiver", merge=2)
+
+
+def test_image_number_vectors_start_at_zero_and_are_added_by_number() -> None:
+    assert Projector(ProjectorConfig(), 8, 32).image_index is None
+    plain = Projector(ProjectorConfig(), 8, 32)
+    tokens = torch.randn(5, 32)
+    assert torch.equal(plain.add_image_index(tokens, torch.tensor([1, 1, 2, 3, 9])), tokens)
+
+    torch.manual_seed(0)
+    Projector(ProjectorConfig(), 8, 32)
+    after_plain = torch.rand(3)
+    torch.manual_seed(0)
+    projector = Projector(ProjectorConfig(image_indices=3), 8, 32)
+    assert torch.equal(torch.rand(3), after_plain)  # the vectors drew no random numbers
+    assert projector.image_index.shape == (3, 32)
+    assert not projector.image_index.any()  # training starts from the plain projector
+    assert torch.equal(projector.add_image_index(tokens, torch.tensor([1, 2, 3, 3, 1])), tokens)
+
+    with torch.no_grad():
+        projector.image_index.copy_(torch.arange(3.0).unsqueeze(1) * torch.ones(3, 32))
+    numbers = torch.tensor([1, 2, 3, 7, 1])  # 7: past the table, shares the last vector
+    out = projector.add_image_index(tokens, numbers)
+    torch.testing.assert_close(
+        out - tokens, torch.tensor([0.0, 1, 2, 2, 0]).unsqueeze(1).expand(5, 32)
+    )
+
+
+def test_image_number_vectors_are_trained_and_saved_with_the_projector() -> None:
+    projector = Projector(ProjectorConfig(image_indices=2), 8, 32)
+    assert "image_index" in projector.state_dict()
+    tokens = projector(torch.randn(2, 4, 8)).reshape(-1, 32)  # (8, hidden)
+    numbers = torch.tensor([1] * 4 + [2] * 4)
+    projector.add_image_index(tokens, numbers).pow(2).sum().backward()
+    assert projector.image_index.grad is not None and projector.image_index.grad.abs().min() > 0
+
+
+def test_negative_image_indices_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"image_indices must be >= 0, got -1"):
+        ProjectorConfig(image_indices=-1)

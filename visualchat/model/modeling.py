@@ -122,6 +122,7 @@ class VisualChatModel(nn.Module):
             )
         if num_positions:
             flat = image_features.reshape(-1, self.hidden_size).to(embeds.dtype)  # (N, hidden)
+            flat = self.projector.add_image_index(flat, image_modality[is_image])
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), flat)
         return embeds
 

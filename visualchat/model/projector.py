@@ -23,6 +23,12 @@ class ProjectorConfig:
     # projecting (pixel shuffle, as Idefics3/InternVL do): merge**2 fewer image tokens, no
     # information dropped. Needs a square patch grid divisible by merge.
     merge: int = 1
+    # > 0: one learned vector per image number (1..image_indices, later numbers share the last)
+    # added to every token of that image, zero-initialised so training starts from the plain
+    # projector. Without it an image token does not know which image it belongs to: under MMCA
+    # it cannot see the "Image k:" text before it, and under causal attention the LM has to
+    # learn to carry that text into the image's tokens before "which image ..." can be answered.
+    image_indices: int = 0
 
     def __post_init__(self) -> None:
         if self.type not in ("linear", "mlp", "perceiver"):
@@ -31,6 +37,8 @@ class ProjectorConfig:
             raise ValueError("perceiver num_latents and depth must be positive")
         if self.merge < 1:
             raise ValueError(f"merge must be a positive integer, got {self.merge}")
+        if self.image_indices < 0:
+            raise ValueError(f"image_indices must be >= 0, got {self.image_indices}")
         if self.merge > 1 and self.type == "perceiver":
             raise ValueError("merge applies to linear/mlp projectors; a perceiver sets num_latents")
 
@@ -89,6 +97,13 @@ class Projector(nn.Module):
             self.net = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         else:
             self.net = PerceiverResampler(config, vision_width, hidden)
+        # (image_indices, hidden); a bare zero tensor rather than nn.Embedding so that building
+        # the model draws no random numbers for it (seeded inits stay as they were).
+        self.image_index = (
+            nn.Parameter(torch.zeros(config.image_indices, hidden))
+            if config.image_indices
+            else None
+        )
 
     def num_output_tokens(self, num_patches: int) -> int:
         if self.config.type == "perceiver":
@@ -118,3 +133,17 @@ class Projector(nn.Module):
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         return self.net(self.merge_patches(patches))  # (n, num_image_tokens, hidden)
+
+    def add_image_index(
+        self,
+        tokens: torch.Tensor,  # (N, hidden) image tokens as placed in a sequence
+        image_numbers: torch.Tensor,  # (N,) long, 1-based number of each token's image
+    ) -> torch.Tensor:
+        """Add each token's image-number vector. Applied where tokens are placed in a sequence,
+        not in forward, because one image's features are cached and reused under different
+        numbers (another round, another request)."""
+        if self.image_index is None:
+            return tokens
+        last = self.image_index.shape[0]
+        rows = image_numbers.to(tokens.device).clamp(1, last) - 1  # (N,)
+        return tokens + self.image_index[rows].to(tokens.dtype)

@@ -34,9 +34,13 @@ MODEL_SEED = 3
 
 
 @functools.lru_cache(maxsize=16)
-def _pristine(attention: str, seed: int, arch: str, tie_word_embeddings: bool):
+def _pristine(attention: str, seed: int, arch: str, tie_word_embeddings: bool, image_indices: int):
     return make_model(
-        attention=attention, seed=seed, arch=arch, tie_word_embeddings=tie_word_embeddings
+        attention=attention,
+        seed=seed,
+        arch=arch,
+        tie_word_embeddings=tie_word_embeddings,
+        image_indices=image_indices,
     )
 
 
@@ -45,9 +49,10 @@ def model_copy(
     seed: int = MODEL_SEED,
     arch: str = "llama",
     tie_word_embeddings: bool = False,
+    image_indices: int = 0,
 ):
     """A private copy of a tiny model: the engine switches its copy to paged attention."""
-    model, tokenizer = _pristine(attention, seed, arch, tie_word_embeddings)
+    model, tokenizer = _pristine(attention, seed, arch, tie_word_embeddings, image_indices)
     return copy.deepcopy(model), tokenizer
 
 
@@ -62,13 +67,14 @@ def make_engine(
     seed: int = MODEL_SEED,
     arch: str = "llama",
     tie_word_embeddings: bool = False,
+    image_indices: int = 0,
     **config,
 ) -> Engine:
     """An engine over a private model copy; small cache and budget unless given."""
     config.setdefault("block_size", 4)
     config.setdefault("num_blocks", 256)
     config.setdefault("max_num_batched_tokens", 64)
-    model, tokenizer = model_copy(attention, seed, arch, tie_word_embeddings)
+    model, tokenizer = model_copy(attention, seed, arch, tie_word_embeddings, image_indices)
     return Engine(model, tokenizer, EngineConfig(**config))
 
 

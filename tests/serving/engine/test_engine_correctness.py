@@ -130,6 +130,33 @@ def test_other_backbones_match(arch: str, tie_word_embeddings: bool) -> None:
     assert_cache_empty(engine)
 
 
+@pytest.mark.parametrize("attention", ["mmca", "causal"])
+def test_image_number_vectors_match_with_features_reused_under_other_numbers(
+    attention: str,
+) -> None:
+    """The image-number vector is added where a token is placed, not baked into the cached
+    features: the workload shows the same image as Image 1 in one request and Image 3 in
+    another. Two vectors for up to three images: Image 3 shares the last one."""
+    engine = make_engine(attention, image_indices=2, max_num_batched_tokens=13)
+    with_images = [i for i, c in enumerate(WORKLOAD) if c.images()]
+    results, _ = run_engine(engine, [(WORKLOAD[i], GREEDY) for i in with_images])
+    vc = reference(attention, image_indices=2)
+    for i, result in zip(with_images, results, strict=True):
+        expected = vc.generate(WORKLOAD[i], GREEDY)
+        assert (result.token_ids, result.finish_reason) == (
+            expected.token_ids,
+            expected.finish_reason,
+        ), f"request {i}"
+    # The vectors change the replies, so matching them says something.
+    assert any(
+        vc.generate(WORKLOAD[i], GREEDY).token_ids
+        != reference_output(i, GREEDY, attention).token_ids
+        for i in with_images
+    )
+    assert engine.image_cache.num_encoded == 4
+    assert_cache_empty(engine)
+
+
 PRESSURE_PARAMS = [
     GREEDY,
     SamplingParams(max_tokens=20, ignore_eos=True),
