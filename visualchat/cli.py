@@ -173,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="token budget of the SplitFuse and curve engines (default: the engine's own pick)",
     )
+    serving.add_argument(
+        "--batching-budget",
+        type=int,
+        default=256,
+        help="the batching part also runs the engine with this token budget, for throughput "
+        "(0: only the engine's own pick)",
+    )
     serving.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     serving.set_defaults(run=cmd_bench_serving)
     quant = bench_kinds.add_parser(
@@ -445,6 +452,7 @@ def cmd_bench_serving(args: argparse.Namespace) -> int:
         out_dir=args.out_dir,
         splitfuse_workload=args.splitfuse_workload,
         splitfuse_budget=args.budget,
+        batching_budget=args.batching_budget or None,
     )
     if args.quick:
         cfg.num_chats, cfg.same_length, cfg.max_length = 4, 8, 16

@@ -38,6 +38,7 @@ def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> BenchConfig:
         num_streams=2,
         stream_tokens=6,
         splitfuse_budget=16,
+        batching_budget=8,
         fastgen_requests=4,  # the mixed workload has 3 requests: the counts tell them apart
         fastgen_rate=20.0,
         fastgen_tokens=4,
@@ -53,7 +54,14 @@ def test_every_part_runs_and_the_engine_matches_the_reference(tiny_config: Bench
     results = run_serving_bench(tiny_config)
     assert json.loads(Path(results["json"]).read_text())["splitfuse"]["workload"] == "mixed"
     for scenario in ("same_length", "varied_length"):
-        assert results["batching"][scenario]["engine_equals_reference_greedy"] is True
+        batching = results["batching"][scenario]
+        assert batching["engine_equals_reference_greedy"] is True
+        # The same engine at the throughput budget: its own figures, the same tokens.
+        assert batching["throughput_budget"]["budget"] == 8
+        assert batching["throughput_budget"]["engine_equals_reference_greedy"] is True
+        assert batching["throughput_budget"]["engine_vs_hf_static"] == pytest.approx(
+            batching["throughput_budget"]["engine_tok_s"] / batching["hf_static_tok_s"]
+        )
     single = results["single_stream"]
     assert single["bandwidth_bound_tok_s"] > 0 and len(single["rounds"]) == 2
     # Each round pairs a bandwidth with the decode rate right after it; the median is quoted.
@@ -109,9 +117,11 @@ def test_the_cli_passes_the_budget_and_workload_to_the_bench(
     argv = ["bench", "serving", "--parts", "splitfuse", "--splitfuse-workload", "fastgen"]
     assert main([*argv, "--budget", "32", "--out-dir", str(tmp_path)]) == 0
     assert main([*argv, "--out-dir", str(tmp_path)]) == 0
-    (with_budget, parts), (default, _) = seen
+    assert main([*argv, "--batching-budget", "0", "--out-dir", str(tmp_path)]) == 0
+    (with_budget, parts), (default, _), (no_batching_budget, _) = seen
     assert parts == ("splitfuse",) and with_budget.splitfuse_workload == "fastgen"
     assert with_budget.splitfuse_budget == 32 and default.splitfuse_budget is None
+    assert default.batching_budget == 256 and no_batching_budget.batching_budget is None
 
 
 def test_decode_rates_count_the_gaps_after_the_first_token(tiny_config: BenchConfig) -> None:
