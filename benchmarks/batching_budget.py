@@ -14,15 +14,13 @@ carry prompt tokens and decode-only passes.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
 import time
 
 import torch
 
-from serving.bench import workloads as wl
-from serving.bench.run import BenchConfig
+from serving.bench.run import BenchConfig, batching_workload
 from serving.engine import Engine, EngineConfig
 from visualchat.atomic import atomic_write_json
 from visualchat.sampling import SamplingParams
@@ -63,13 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="runs per budget; median kept")
     parser.add_argument("--out", default=None, help="also write the results here (JSON)")
     args = parser.parse_args(argv)
-    cfg = BenchConfig()  # the bench's own workload: chats, lengths, seed
-    chats = wl.image_chats(cfg.num_chats, cfg.seed)
-    rng = random.Random(cfg.seed)
-    scenarios = {
-        "same_length": [cfg.same_length] * cfg.num_chats,
-        "varied_length": [rng.randint(cfg.min_length, cfg.max_length) for _ in chats],
-    }
+    chats, scenarios = batching_workload(BenchConfig())  # the bench's own workload
     results: dict[str, dict[str, dict]] = {name: {} for name in scenarios}
     for budget in (int(b) for b in args.budgets.split(",")):
         engine = Engine.from_pretrained(config=EngineConfig(max_num_batched_tokens=budget))

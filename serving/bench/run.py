@@ -65,15 +65,21 @@ class BenchConfig:
     seed: int = 0
 
 
-def _batching(
-    engine: Engine, throughput_engine: Engine | None, vc: VisualChat, cfg: BenchConfig
-) -> dict[str, Any]:
+def batching_workload(cfg: BenchConfig) -> tuple[list, dict[str, list[int]]]:
+    """The batching part's chats and, per scenario, each chat's output length."""
     chats = wl.image_chats(cfg.num_chats, cfg.seed)
     rng = random.Random(cfg.seed)
     scenarios = {
         "same_length": [cfg.same_length] * cfg.num_chats,
         "varied_length": [rng.randint(cfg.min_length, cfg.max_length) for _ in chats],
     }
+    return chats, scenarios
+
+
+def _batching(
+    engine: Engine, throughput_engine: Engine | None, vc: VisualChat, cfg: BenchConfig
+) -> dict[str, Any]:
+    chats, scenarios = batching_workload(cfg)
     # One short untimed run of each system on other images first: none of them pays its first
     # pass's allocations in the timed runs (the first one timed used to).
     warm_up = wl.image_chats(2, cfg.seed + 1)
