@@ -81,8 +81,9 @@ def use_training_attention(model: VisualChatModel, device: torch.device) -> None
     Why: torch's CPU flash-attention backward is slow at these lengths. One training micro-batch
     of the embedded default (8 conversations of ~180 tokens, bf16 autocast, LoRA) takes 3.8 s
     with SDPA and 2.8 s with eager (matmul + float32 softmax + matmul), the same arithmetic in
-    another order; benchmarks/training_step.py measures it. On GPUs SDPA's fused kernels are the better choice, so only CPU switches;
-    MMCA keeps its own kernel. `_finish` puts the inference kernel back.
+    another order; benchmarks/training_step.py measures it. On GPUs SDPA's fused kernels are the
+    better choice, so only CPU switches; MMCA keeps its own kernel. `_finish` puts the inference
+    kernel back.
     """
     if device.type == "cpu" and model.config.attention == "causal":
         model.language_model.set_attn_implementation("eager")

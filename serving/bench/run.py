@@ -103,23 +103,27 @@ def _batching(
         results[name] = {
             "lengths": lengths,
             "engine_budget": engine.budget,
-            "engine_tok_s": eng.tokens_per_second,
+            **_engine_figures(eng, hf, seq),
             "hf_static_tok_s": hf.tokens_per_second,
             "sequential_tok_s": seq.tokens_per_second,
-            "engine_vs_hf_static": eng.tokens_per_second / hf.tokens_per_second,
-            "engine_vs_sequential": eng.tokens_per_second / seq.tokens_per_second,
             "hf_static_vs_sequential": hf.tokens_per_second / seq.tokens_per_second,
-            "engine_equals_reference_greedy": eng.token_ids == seq.token_ids,
         }
         if tput is not None:
             results[name]["throughput_budget"] = {
                 "budget": throughput_engine.budget,
-                "engine_tok_s": tput.tokens_per_second,
-                "engine_vs_hf_static": tput.tokens_per_second / hf.tokens_per_second,
-                "engine_vs_sequential": tput.tokens_per_second / seq.tokens_per_second,
-                "engine_equals_reference_greedy": tput.token_ids == seq.token_ids,
+                **_engine_figures(tput, hf, seq),
             }
     return results
+
+
+def _engine_figures(eng: wl.BatchResult, hf: wl.BatchResult, seq: wl.BatchResult) -> dict[str, Any]:
+    """One engine run against the two baselines on the same requests."""
+    return {
+        "engine_tok_s": eng.tokens_per_second,
+        "engine_vs_hf_static": eng.tokens_per_second / hf.tokens_per_second,
+        "engine_vs_sequential": eng.tokens_per_second / seq.tokens_per_second,
+        "engine_equals_reference_greedy": eng.token_ids == seq.token_ids,
+    }
 
 
 def _splitfuse_workload(cfg: BenchConfig) -> list[tuple[float, Any, int]]:
