@@ -132,3 +132,39 @@ def test_decode_rates_count_the_gaps_after_the_first_token(tiny_config: BenchCon
     with Engine(vc.model, vc.tokenizer, EngineConfig(max_num_batched_tokens=16)) as engine:
         assert wl.direct_decode_rate(engine, wl.image_chats(1, 0)[0], 5) > 0
         assert not engine.has_unfinished_requests() and engine.blocks.num_used_blocks == 0
+
+
+def test_every_batching_system_is_warmed_up_on_other_images_first(
+    tiny_config: BenchConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, int, frozenset]] = []  # (system, chats, images' bytes)
+
+    def spying(name: str, run):
+        def spy(system, chats, lengths):
+            images = frozenset(p.image.tobytes() for c in chats for p in c.images())
+            calls.append((name, len(chats), images))
+            return run(system, chats, lengths)
+
+        return spy
+
+    for name in ("run_engine", "run_hf_static", "run_sequential"):
+        monkeypatch.setattr(wl, name, spying(name, getattr(wl, name)))
+    run_serving_bench(tiny_config, parts=("batching",))
+    timed_images = frozenset().union(*(images for _, n, images in calls if n == 3))
+    # Both engines, HF static and sequential each run once, untimed, before any timed run ...
+    first_timed = next(i for i, (_, n, _) in enumerate(calls) if n == 3)
+    assert [name for name, _, _ in calls[:first_timed]] == [
+        "run_engine",
+        "run_engine",
+        "run_hf_static",
+        "run_sequential",
+    ]
+    # ... on images none of the timed requests uses (their features are not cached for them).
+    assert all(not (images & timed_images) for _, _, images in calls[:first_timed])
+    # Then each scenario times the two engines, HF static and sequential on all 3 chats.
+    assert [name for name, _, _ in calls[first_timed:]] == 2 * [
+        "run_engine",
+        "run_engine",
+        "run_hf_static",
+        "run_sequential",
+    ]
