@@ -285,3 +285,21 @@ def test_preloaded_images_must_match_the_slots() -> None:
 def test_num_image_tokens_must_be_positive() -> None:
     with pytest.raises(ValueError, match="num_image_tokens must be positive, got 0"):
         VisualChatProcessor(make_tokenizer(), fake_transform, 0)
+
+
+def test_for_model_prompts_with_the_models_default_system_turn() -> None:
+    from factories import make_model
+
+    model, tokenizer = make_model()
+    conversation = make_conversation("Hello world!", "The quick brown fox.", "and?")
+    assert VisualChatProcessor.for_model(model, tokenizer).template.default_system is None
+    model.config.default_system = "Answer briefly."
+    inputs = VisualChatProcessor.for_model(model, tokenizer)(conversation)
+    system = [{"role": "system", "content": "Answer briefly."}]
+    expected = tokenizer.apply_chat_template(
+        system + plain_messages(conversation),
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+    )
+    assert inputs.input_ids.tolist() == list(expected)

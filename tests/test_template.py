@@ -157,3 +157,47 @@ def test_reply_with_trailing_space_under_a_trimming_template() -> None:
     segments = template.segments(conversation)
     assert [s.text for s in segments if s.kind == "reply"] == ["Sure!<|im_end|>"]
     assert "".join(s.text for s in segments) == template.render(conversation)
+
+
+def test_a_default_system_turn_is_put_first_when_the_conversation_has_none() -> None:
+    template = ChatTemplate(make_tokenizer(), default_system="Look closely.")
+    conversation = make_conversation([make_image(RED), "colour?"], "red")
+    assert template.render(conversation) == (
+        "<|im_start|>system\nLook closely.<|im_end|>\n"
+        f"<|im_start|>user\nImage 1: {M}\ncolour?<|im_end|>\n"
+        "<|im_start|>assistant\nred<|im_end|>\n<|im_start|>assistant\n"
+    )
+    replies = [s.text for s in template.segments(conversation) if s.kind == "reply"]
+    assert replies == ["red<|im_end|>"]
+
+
+def test_an_empty_default_system_renders_an_empty_system_turn() -> None:
+    template = ChatTemplate(make_tokenizer(), default_system="")
+    text = template.render(make_conversation("hi"))
+    assert text == (
+        "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_the_conversations_own_system_prompt_wins_over_the_default() -> None:
+    with_default = ChatTemplate(make_tokenizer(), default_system="Look closely.")
+    plain = ChatTemplate(make_tokenizer())
+    conversation = two_round_conversation()  # system "Be brief."
+    assert with_default.render(conversation) == plain.render(conversation)
+    assert "Look closely." not in with_default.render(conversation)
+
+
+def test_without_a_default_the_templates_own_system_prompt_stays() -> None:
+    # SmolLM2-style: the template writes its own system turn when the conversation has none.
+    own = (
+        "{% for message in messages %}"
+        "{% if loop.first and messages[0]['role'] != 'system' %}"
+        "{{ '<|im_start|>system\nI am the template.<|im_end|>\n' }}{% endif %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    conversation = make_conversation("hi")
+    assert "I am the template." in ChatTemplate(make_tokenizer(own)).render(conversation)
+    replaced = ChatTemplate(make_tokenizer(own), default_system="").render(conversation)
+    assert replaced.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nhi")

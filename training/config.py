@@ -169,6 +169,9 @@ class StageSpec:
     max_grad_norm: float = 1.0  # 0 disables clipping
     kind: str = "lm"  # key of training.stages.STAGE_KINDS
     lora: LoraSpec | None = None  # LoRA shape, used where a stage first trains lora
+    # Per-group multipliers of lr, e.g. {vision: 0.1}: a pretrained tower fine-tuned beside a
+    # fresh projector and adapters wants a gentler step than they do. Unlisted groups: 1.
+    lr_scale: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         where = f"stage {self.name!r}"
@@ -197,6 +200,18 @@ class StageSpec:
         self.lr = _number(self.lr, f"{where}: lr", allow_zero=False)
         self.weight_decay = _number(self.weight_decay, f"{where}: weight_decay")
         self.max_grad_norm = _number(self.max_grad_norm, f"{where}: max_grad_norm")
+        if not isinstance(self.lr_scale, dict):
+            raise ValueError(f"{where}: lr_scale must map trainable groups to multipliers")
+        for group in self.lr_scale:
+            if group not in self.trainable:  # a typo would otherwise scale nothing
+                raise ValueError(
+                    f"{where}: lr_scale names {group!r}, which this stage does not train "
+                    f"(trainable: {self.trainable})"
+                )
+        self.lr_scale = {
+            group: _number(scale, f"{where}: lr_scale.{group}", allow_zero=False)
+            for group, scale in self.lr_scale.items()
+        }
         if isinstance(self.lora, dict):
             self.lora = LoraSpec(**_check_keys(LoraSpec, self.lora, f"{where}: lora"))
         if self.lora is not None and "lora" not in self.trainable:

@@ -28,6 +28,7 @@ def build_embedded(
     calibration_images: int = 256,
     align_steps: int = 0,
     image_indices: int = 0,
+    default_system: str | None = None,
     restoring: Collection[str] = (),
 ) -> tuple[VisualChatModel, PreTrainedTokenizerBase]:
     """calibration_images > 0: initialise the projector from that many synthetic training
@@ -36,12 +37,15 @@ def build_embedded(
     (training.projector_alignment); needs the pretrained `vision_weights` to mean anything.
     image_indices > 0: the projector adds a learned vector per image number (ProjectorConfig;
     tried on the embedded default and not kept, see README).
+    default_system: the system prompt the model is trained with and later prompted with when a
+    conversation has none (VisualChatConfig.default_system; "" is an empty system turn).
     restoring: groups a checkpoint will overwrite (training.model_init.init_model): their
     initialisation is skipped (the tower's weights file, the projector's calibration and
     alignment)."""
     backbone, tokenizer = loading.load_backbone(loading.embedded_gguf_path())
     config = loading.embedded_config(attention)
     config.projector = dataclasses.replace(config.projector, image_indices=image_indices)
+    config.default_system = default_system
     model = loading.build_model(config, backbone, seed=seed)
     if vision_weights is not None and "vision" not in restoring:
         model.vision.load_state_dict(load_file(vision_weights))

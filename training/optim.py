@@ -9,18 +9,31 @@ import torch
 from torch import nn
 
 from training.config import StageSpec
+from training.model_init import group_of
 
 
 def build_optimizer(params: Mapping[str, nn.Parameter], stage: StageSpec) -> torch.optim.AdamW:
     """AdamW over a stage's trainable parameters; biases, norms and other 1-d tensors are not
-    decayed. Groups keep the order of `params`, so a saved state loads into a rebuilt one."""
-    decay = [p for p in params.values() if p.ndim >= 2]
-    no_decay = [p for p in params.values() if p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": stage.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=stage.lr)
+    decayed; a trainable group named in stage.lr_scale gets its own learning rate. Param groups
+    are formed in a fixed order from the order of `params`, so a saved state loads into a
+    rebuilt optimizer."""
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, param in params.items():
+        scale = stage.lr_scale.get(group_of(name) or "", 1.0)
+        groups.setdefault((scale, param.ndim >= 2), []).append(param)
+    return torch.optim.AdamW(
+        [
+            {
+                "params": members,
+                "lr": stage.lr * scale,
+                "weight_decay": stage.weight_decay if decayed else 0.0,
+            }
+            for (scale, decayed), members in sorted(
+                groups.items(), key=lambda g: (-g[0][0], not g[0][1])
+            )
+        ],
+        lr=stage.lr,
+    )
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:

@@ -69,11 +69,12 @@ class VisualChatProcessor:
         image_token_id: int = 0,
         max_length: int | None = None,  # the backbone's context, prompt plus reply
         limits: ImageLimits | None = None,
+        default_system: str | None = None,  # see VisualChatConfig.default_system
     ) -> None:
         if num_image_tokens < 1:
             raise ValueError(f"num_image_tokens must be positive, got {num_image_tokens}")
         self.tokenizer = tokenizer
-        self.template = ChatTemplate(tokenizer)
+        self.template = ChatTemplate(tokenizer, default_system=default_system)
         self.image_transform = image_transform
         self.num_image_tokens = num_image_tokens
         self.image_token_id = image_token_id
@@ -96,6 +97,7 @@ class VisualChatProcessor:
             image_token_id=model.config.image_token_id,
             max_length=max_length,
             limits=limits,
+            default_system=model.config.default_system,
         )
 
     def load_images(

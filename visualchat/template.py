@@ -55,13 +55,20 @@ def render_message_content(parts: list[TextPart | ImagePart], first_image_number
 
 
 class ChatTemplate:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, default_system: str | None = None
+    ) -> None:
+        """default_system: the system message put first when a conversation has none (an empty
+        string renders an empty system turn); None leaves that to the chat template."""
         self.tokenizer = tokenizer
+        self.default_system = default_system
         self.chat_template = tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
         self.end_of_turn = tokenizer.eos_token or ""
 
     def _as_plain_messages(self, conversation: Conversation) -> list[dict[str, str]]:
         plain = []
+        if self.default_system is not None and conversation.system is None:
+            plain.append({"role": "system", "content": self.default_system})
         number = 1
         for message in conversation.messages:
             content = render_message_content(message.parts, number)

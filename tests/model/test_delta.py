@@ -66,3 +66,18 @@ def test_delta_without_adapter_stores_only_vision_and_projector(tmp_path) -> Non
             loaded(ids, modality, pixel_values=pixels).logits,
             model(ids, modality, pixel_values=pixels).logits,
         )
+
+
+def test_a_delta_keeps_the_default_system_prompt_it_was_trained_with(tmp_path) -> None:
+    from visualchat.processor import VisualChatProcessor
+
+    tokenizer = make_tokenizer()
+    base = make_backbone(tokenizer, seed=3)
+    loading.save_backbone(base, tokenizer, tmp_path / "base")
+    model, _ = make_model(seed=5)
+    model.config.default_system = ""
+    delta.save_delta(model, tmp_path / "delta", base_backbone=str(tmp_path / "base"))
+    loaded, loaded_tokenizer = loading.load_pretrained(tmp_path / "delta")
+    assert loaded.config.default_system == ""
+    processor = VisualChatProcessor.for_model(loaded, loaded_tokenizer)
+    assert processor.template.default_system == ""

@@ -92,6 +92,16 @@ def test_config_rejects_unknown_attention() -> None:
         VisualChatConfig(vision=VisionConfig(custom={"image_size": 32}), attention="flash")
 
 
+def test_config_default_system_round_trips_and_must_be_text() -> None:
+    vision = VisionConfig(custom={"image_size": 32})
+    config = VisualChatConfig(vision=vision, default_system="")
+    assert VisualChatConfig.from_dict(config.to_dict()).default_system == ""
+    old = {k: v for k, v in config.to_dict().items() if k != "default_system"}
+    assert VisualChatConfig.from_dict(old).default_system is None  # configs written before it
+    with pytest.raises(ValueError, match="default_system must be a string or None, got 3"):
+        VisualChatConfig(vision=vision, default_system=3)
+
+
 def test_set_attention_switches_the_backbone() -> None:
     model, _ = make_model("mmca")
     ids, tags = layout(TEXT_A, IMAGE, TEXT_B)

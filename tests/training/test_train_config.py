@@ -96,6 +96,10 @@ def test_lora_defaults_when_no_block_is_given() -> None:
         ("stages.1.lora.target_modules", [], "target_modules must be a non-empty list"),
         ("stages.1.lora.dropout", 1.0, r"lora.dropout must be in \[0, 1\)"),
         ("stages.1.name", "projector", "stage names must be unique"),
+        ("stages.0.lr_scale", {"vision": 0.1}, "lr_scale names 'vision', which this stage does"),
+        ("stages.1.lr_scale", {"lora": 0}, "lr_scale.lora must be a positive number"),
+        ("stages.1.lr_scale", {"lora": "1e-1"}, None),  # valid: YAML's dotless exponent
+        ("stages.1.lr_scale", [0.1], "lr_scale must map trainable groups to multipliers"),
         ("stages", [], "at least one stage"),
         ("model.attention", "flash", "model.attention must be 'mmca' or 'causal'"),
         ("model.dtype", "int8", "model.dtype must be float32, bfloat16 or float16"),
@@ -193,3 +197,12 @@ def test_shipped_recipes_parse_and_name_an_importable_init(recipe: Path) -> None
     if ":" in config.model.init:  # "package.module:function", else a built-in name
         module, name = config.model.init.split(":")
         assert callable(getattr(importlib.import_module(module), name))
+
+
+def test_lr_scale_is_parsed_to_floats_and_round_trips(tmp_path: Path) -> None:
+    config = TrainConfig.from_dict(with_change("stages.1.lr_scale", {"projector": "5e-1"}))
+    assert config.stages[1].lr_scale == {"projector": 0.5}
+    assert config.stages[0].lr_scale == {}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(config.to_yaml())
+    assert TrainConfig.from_yaml(path).stages[1].lr_scale == {"projector": 0.5}

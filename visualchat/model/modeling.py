@@ -31,8 +31,16 @@ class VisualChatConfig:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     attention: AttentionKind = "mmca"  # "causal" is the plain LLaVA path
     image_token_id: int = 0  # id written at image positions (never embedded; any valid id)
+    # System prompt used when a conversation brings none; None keeps the chat template's own
+    # default (SmolLM2's is 16 tokens of every prompt, "You are a helpful AI assistant named
+    # SmolLM, ..."). Part of the model: it was trained with exactly this prompt.
+    default_system: str | None = None
 
     def __post_init__(self) -> None:
+        if self.default_system is not None and not isinstance(self.default_system, str):
+            raise ValueError(
+                f"default_system must be a string or None, got {self.default_system!r}"
+            )
         if self.attention not in ("mmca", "causal"):
             raise ValueError(f"attention must be 'mmca' or 'causal', got {self.attention!r}")
         if isinstance(self.vision, dict):
@@ -46,6 +54,7 @@ class VisualChatConfig:
             "projector": self.projector.to_dict(),
             "attention": self.attention,
             "image_token_id": self.image_token_id,
+            "default_system": self.default_system,
         }
 
     @classmethod
@@ -59,6 +68,7 @@ class VisualChatConfig:
             projector=ProjectorConfig(**data.get("projector", {})),
             attention=data.get("attention", "mmca"),
             image_token_id=data.get("image_token_id", 0),
+            default_system=data.get("default_system"),
         )
 
 
