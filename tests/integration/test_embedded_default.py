@@ -70,3 +70,13 @@ def test_the_shipped_model_sees_held_out_scenes(tmp_path) -> None:
     assert report.overall().num_total == 80
     assert report.overall().accuracy >= 0.65, report.table()  # training eval: 76% (80 records)
     assert groups["word"].accuracy >= 0.8, report.table()
+
+
+def test_the_shipped_model_is_prompted_as_it_was_trained(embedded: VisualChat) -> None:
+    # Trained with an empty system turn (training/recipes/embedded.yaml, default_system: "").
+    from visualchat.messages import Conversation
+
+    conversation = Conversation()
+    conversation.add_user("Hi")
+    prompt = embedded.processor.template.render(conversation)
+    assert prompt.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi")

@@ -51,3 +51,12 @@ def test_embedded_init_trains_and_exports(tmp_path, train_dir) -> None:
         expected = result.model.eval()(*inputs, pixel_values=batch.pixel_values).logits
         actual = loaded(*inputs, pixel_values=batch.pixel_values).logits
     torch.testing.assert_close(actual, expected, atol=2e-3, rtol=2e-3)
+
+
+def test_the_embedded_factory_sets_the_default_system_prompt() -> None:
+    from training.embedded import build_embedded
+
+    model, _ = build_embedded(calibration_images=0, default_system="")
+    assert model.config.default_system == ""
+    model, _ = build_embedded(calibration_images=0)
+    assert model.config.default_system is None  # the template's own prompt
