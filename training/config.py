@@ -157,6 +157,32 @@ class LoraSpec:
 
 
 @dataclass
+class VisionAuxSpec:
+    """A stage's `vision_aux` block (training.vision_aux): stage 0's dense loss on fresh
+    training scenes, added to every optimiser step so tuning the tower keeps what stage 0 taught
+    it readable."""
+
+    weight: float = 1.0  # times the dense loss, added to the step's per-token answer loss
+    batch_size: int = 16  # fresh scenes per optimiser step
+    group_weight: float = 0.5  # group size and region against cover and centre, as in stage 0
+    word_probability: float = 0.5  # as in stage 0
+    probe_steps: int = 200  # fitting the fixed read-out heads to the starting tower
+    probe_batch_size: int = 48
+    probe_lr: float = 1e-2
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "probe_steps", "probe_batch_size"):
+            _positive_int(getattr(self, name), f"vision_aux.{name}")
+        for name in ("weight", "group_weight", "probe_lr"):
+            setattr(self, name, _number(getattr(self, name), f"vision_aux.{name}", False))
+        self.word_probability = _number(self.word_probability, "vision_aux.word_probability")
+        if self.word_probability > 1:
+            raise ValueError(
+                f"vision_aux.word_probability must lie in [0, 1], got {self.word_probability}"
+            )
+
+
+@dataclass
 class StageSpec:
     name: str
     trainable: list[str]  # subset of vision, projector, lora
@@ -172,6 +198,8 @@ class StageSpec:
     # Per-group multipliers of lr, e.g. {vision: 0.1}: a pretrained tower fine-tuned beside a
     # fresh projector and adapters wants a gentler step than they do. Unlisted groups: 1.
     lr_scale: dict[str, float] = field(default_factory=dict)
+    # Stage 0's dense loss kept on the tower while this stage tunes it (needs vision trained).
+    vision_aux: VisionAuxSpec | None = None
 
     def __post_init__(self) -> None:
         where = f"stage {self.name!r}"
@@ -214,6 +242,15 @@ class StageSpec:
         }
         if isinstance(self.lora, dict):
             self.lora = LoraSpec(**_check_keys(LoraSpec, self.lora, f"{where}: lora"))
+        if isinstance(self.vision_aux, dict):
+            self.vision_aux = VisionAuxSpec(
+                **_check_keys(VisionAuxSpec, self.vision_aux, f"{where}: vision_aux")
+            )
+        if self.vision_aux is not None and "vision" not in self.trainable:
+            raise ValueError(
+                f"{where}: vision_aux keeps a tuned tower readable, but this stage does not "
+                "train vision"
+            )
         if self.lora is not None and "lora" not in self.trainable:
             raise ValueError(
                 f"{where}: has a lora block but does not train lora; add 'lora' to trainable "

@@ -50,6 +50,7 @@ from training.model_init import (
 from training.optim import build_optimizer, build_scheduler
 from training.run_log import LOG_NAME, RunLog
 from training.stages import STAGE_KINDS, StageKind
+from training.vision_aux import VisionAux
 from visualchat.images import ImageLimits
 from visualchat.model.modeling import VisualChatModel
 from visualchat.processor import VisualChatProcessor
@@ -103,6 +104,7 @@ class _Window:
     num_samples: int = 0  # global
     num_tokens: int = 0  # global
     lr: float = 0.0  # learning rate of the last step
+    aux: dict[str, float] = field(default_factory=dict)  # summed vision-aux loss and accuracies
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -283,6 +285,7 @@ class Trainer:
         if "lora" in stage.trainable:
             self._attach_lora()
         trainable = set_trainable(self.model, stage.trainable)
+        self.vision_aux = self._vision_aux(stage)
         optimizer = build_optimizer(trainable, stage)
         scheduler = build_scheduler(optimizer, stage)
         if optimizer_state is not None and not self.is_deepspeed:
@@ -317,7 +320,7 @@ class Trainer:
         for _ in range(stage_step, stage.steps):
             micro_batches = [next(batches) for _ in range(stage.grad_accum)]
             stats = self._optimizer_step(
-                wrapped, optimizer, scheduler, trainable, kind, stage, micro_batches
+                wrapped, optimizer, scheduler, trainable, kind, stage, micro_batches, state
             )
             state.global_step += 1
             state.data_position += stage.batch_size * stage.grad_accum * acc.num_processes
@@ -326,6 +329,8 @@ class Trainer:
             window.lr = stats["lr"]
             for key in ("num_units", "num_samples", "num_tokens"):
                 setattr(window, key, getattr(window, key) + stats[key])
+            for key, value in stats["aux"].items():
+                window.aux[key] = window.aux.get(key, 0.0) + value
             self.progress.update(1)
             is_stage_end = state.global_step == self.stage_starts[index] + stage.steps
             if state.global_step % config.run.log_every == 0 or is_stage_end:
@@ -339,6 +344,20 @@ class Trainer:
         # Drop this stage's DDP wrapper and optimizer before the next stage wraps the model.
         del wrapped, optimizer, batches
         acc.free_memory()
+
+    def _vision_aux(self, stage: StageSpec) -> VisionAux | None:
+        if stage.vision_aux is None:
+            return None
+        if self.accelerator.num_processes > 1:
+            # Its loss runs the tower outside the DDP wrapper; not built or tested for that.
+            raise NotImplementedError("vision_aux trains in a single process only")
+        return VisionAux.prepare(
+            self.model.vision,
+            stage.vision_aux,
+            self.config.run.seed,
+            self.config.run.precision,
+            self.output_dir,
+        )
 
     def _loader(self, plan: list[list[int]], kind: StageKind):
         from torch.utils.data import DataLoader
@@ -376,6 +395,7 @@ class Trainer:
         kind: StageKind,
         stage: StageSpec,
         micro_batches: list[Any],
+        state: TrainState,
     ) -> dict[str, Any]:
         acc = self.accelerator
         local = torch.tensor(
@@ -394,6 +414,12 @@ class Trainer:
         scale = acc.num_processes / max(num_units, 1.0)
         if self.is_deepspeed:
             scale *= stage.grad_accum
+        aux: dict[str, float] = {}
+        if self.vision_aux is not None:
+            # Scenes of this step (seeded by its number), the tower only: stage 0's loss.
+            aux_loss, accuracies = self.vision_aux.loss(self.model.vision, state.global_step)
+            acc.backward(aux_loss * stage.vision_aux.weight)
+            aux = {"aux_loss": float(aux_loss.detach()), "aux_steps": 1.0, **accuracies}
         loss_sum = torch.zeros((), device=acc.device)
         for i, batch in enumerate(micro_batches):
             is_last = i == len(micro_batches) - 1
@@ -414,6 +440,7 @@ class Trainer:
             "num_tokens": int(num_tokens),
             "dropped": int(num_dropped),
             "lr": lr,
+            "aux": aux,
         }
 
     # --- logging, checkpoints, evaluation ---------------------------------------------------
@@ -440,6 +467,11 @@ class Trainer:
             "elapsed": time.perf_counter() - self.started,
             "dropped": state.num_dropped,
         }
+        steps = window.aux.get("aux_steps", 0.0)
+        if steps:  # the vision-aux loss and read-out accuracies, means over the window
+            record["vision_aux"] = {
+                key: value / steps for key, value in window.aux.items() if key != "aux_steps"
+            }
         self.last_loss = loss
         self.log.write(record)
         self.progress.set_postfix(

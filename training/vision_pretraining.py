@@ -147,15 +147,49 @@ class PatchHeads(nn.Module):
         )
 
 
-def _batch(
-    rng: random.Random, cfg: VisionPretrainConfig, transform, grid: int
+def scene_batch(
+    rng: random.Random,
+    batch_size: int,
+    image_size: int,
+    word_probability: float,
+    transform,
+    grid: int,
 ) -> tuple[torch.Tensor, PatchTargets]:
+    """`batch_size` fresh training-split scenes: pixels (b, 3, H, W) and their patch targets."""
     pixels, targets = [], []
-    for _ in range(cfg.batch_size):
-        scene = generate_scene(rng, cfg.image_size, "train", word_probability=cfg.word_probability)
+    for _ in range(batch_size):
+        scene = generate_scene(rng, image_size, "train", word_probability=word_probability)
         pixels.append(transform(render(scene)))
         targets.append(patch_targets(scene, grid))
     return torch.stack(pixels), PatchTargets(*(torch.stack(t) for t in zip(*targets, strict=True)))
+
+
+def dense_loss(logits: PatchTargets, targets: PatchTargets, group_weight: float) -> torch.Tensor:
+    """Stage 0's loss: cover and centre on every patch, group size and region (times
+    `group_weight`) on the patches that hold an object. Logits (b, patches, classes)."""
+    on_object = targets.count > 0  # (b, patches)
+    return (
+        nn.functional.cross_entropy(logits.cover.flatten(0, 1), targets.cover.flatten())
+        + nn.functional.cross_entropy(logits.centre.flatten(0, 1), targets.centre.flatten())
+        + group_weight
+        * (
+            nn.functional.cross_entropy(logits.count[on_object], targets.count[on_object])
+            + nn.functional.cross_entropy(logits.region[on_object], targets.region[on_object])
+        )
+    )
+
+
+def readout_accuracies(logits: PatchTargets, targets: PatchTargets) -> dict[str, float]:
+    """Per-patch argmax accuracies of the four targets, each where it is defined."""
+    with torch.no_grad():
+        on_object = targets.count > 0
+        return {
+            "cover_acc_on_objects": _accuracy(logits.cover, targets.cover, targets.cover > 0),
+            "centre_acc": _accuracy(logits.centre, targets.centre, torch.ones_like(on_object)),
+            "centre_acc_on_centres": _accuracy(logits.centre, targets.centre, targets.centre > 0),
+            "count_acc_on_objects": _accuracy(logits.count, targets.count, on_object),
+            "region_acc_on_objects": _accuracy(logits.region, targets.region, on_object),
+        }
 
 
 def pretrain_vision(
@@ -188,7 +222,9 @@ def pretrain_vision(
     started = time.perf_counter()
     history: list[dict] = []
     for step in range(cfg.steps):
-        pixels, targets = _batch(rng, cfg, transform, grid)  # targets: (b, patches) each
+        pixels, targets = scene_batch(
+            rng, cfg.batch_size, cfg.image_size, cfg.word_probability, transform, grid
+        )  # targets: (b, patches) each
         # SDPA's math backend: at 65 tokens per image torch's CPU flash-attention backward is
         # slow (4 heads of 48 x 65 x 64, forward + backward: flash 26.6 ms, math 11.1 ms).
         with (
@@ -197,39 +233,20 @@ def pretrain_vision(
         ):
             tokens = vision(pixels)  # (b, patches, width)
             logits = PatchTargets(*(t.float() for t in heads(tokens)))
-        # Group size and region are asked only of patches that hold an object.
-        on_object = targets.count > 0  # (b, patches)
-        loss = (
-            nn.functional.cross_entropy(logits.cover.flatten(0, 1), targets.cover.flatten())
-            + nn.functional.cross_entropy(logits.centre.flatten(0, 1), targets.centre.flatten())
-            + cfg.group_weight
-            * (
-                nn.functional.cross_entropy(logits.count[on_object], targets.count[on_object])
-                + nn.functional.cross_entropy(logits.region[on_object], targets.region[on_object])
-            )
-        )
+        loss = dense_loss(logits, targets, cfg.group_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            with torch.no_grad():
-                objects = targets.cover > 0
-                everywhere = torch.ones_like(objects)
-                entry = {
-                    "stage": "vision_pretrain",
-                    "step": step + 1,
-                    "loss": float(loss),
-                    "cover_acc_on_objects": _accuracy(logits.cover, targets.cover, objects),
-                    "centre_acc": _accuracy(logits.centre, targets.centre, everywhere),
-                    "centre_acc_on_centres": _accuracy(
-                        logits.centre, targets.centre, targets.centre > 0
-                    ),
-                    "count_acc_on_objects": _accuracy(logits.count, targets.count, on_object),
-                    "region_acc_on_objects": _accuracy(logits.region, targets.region, on_object),
-                    "seconds": time.perf_counter() - started,
-                }
+            entry = {
+                "stage": "vision_pretrain",
+                "step": step + 1,
+                "loss": float(loss),
+                **readout_accuracies(logits, targets),
+                "seconds": time.perf_counter() - started,
+            }
             history.append(entry)
             logger.info("vision pretrain %s", entry)
             if on_log is not None:
