@@ -137,3 +137,75 @@ class VisionAux:
             sdpa_kernel(SDPBackend.MATH),
         ):
             return vision(pixels)
+
+
+def compare_towers(
+    reference: VisionTower,
+    towers: dict[str, VisionTower],
+    spec: VisionAuxSpec,
+    batches: int = 8,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Fit the fixed heads to `reference`, then read every tower (the reference first) through
+    them on the same `batches` x spec.batch_size held-back scene draws: the mean dense loss and
+    per-patch accuracies. How much of what stage 0 taught a tuned tower still shows the way
+    stage 0 left it."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        aux = VisionAux.prepare(reference, spec, seed, "fp32", Path(folder))
+    results = {}
+    for name, tower in {"reference": reference, **towers}.items():
+        tower.eval()
+        with torch.no_grad():
+            # Steps far past any run's length: scenes the fitting never drew.
+            draws = [aux.loss(tower, 1_000_000 + i) for i in range(batches)]
+        metrics = {"loss": sum(float(loss) for loss, _ in draws) / batches}
+        for key in draws[0][1]:
+            metrics[key] = sum(acc[key] for _, acc in draws) / batches
+        results[name] = metrics
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m training.vision_aux --reference runs/stage0/vision.safetensors tuned=F ...`:
+    read tuned towers through linear heads fitted to the reference tower (stage 0's read-out)."""
+    import argparse
+
+    from visualchat.atomic import atomic_write_json
+    from visualchat.model.loading import EMBEDDED_VISION
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--reference", required=True, help="the stage-0 tower (safetensors)")
+    parser.add_argument("towers", nargs="+", help="NAME=tower.safetensors")
+    parser.add_argument("--batches", type=int, default=8, help="of 48 scenes each")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    def load(path: str) -> VisionTower:
+        tower = VisionTower(type(EMBEDDED_VISION)(custom=dict(EMBEDDED_VISION.custom)))
+        tower.load_state_dict(load_file(path))
+        return tower
+
+    towers = {}
+    for item in args.towers:
+        name, sep, path = item.partition("=")
+        if not sep:
+            parser.error(f"expected NAME=PATH, got {item!r}")
+        towers[name] = load(path)
+    spec = VisionAuxSpec(batch_size=48)
+    results = compare_towers(load(args.reference), towers, spec, args.batches)
+    keys = ("loss", "cover_acc_on_objects", "centre_acc_on_centres", "count_acc_on_objects")
+    keys += ("region_acc_on_objects",)
+    print("| tower | " + " | ".join(keys) + " |")
+    print("| --- " * (len(keys) + 1) + "|")
+    for name, metrics in results.items():
+        print(f"| {name} | " + " | ".join(f"{metrics[k]:.3f}" for k in keys) + " |")
+    if args.json is not None:
+        atomic_write_json(args.json, {"reference": args.reference, "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -174,6 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="token budget of the SplitFuse and curve engines (default: the engine's own pick)",
     )
     serving.add_argument(
+        "--arrival-rate",
+        type=float,
+        default=None,
+        help="SplitFuse: long prompts per second (Poisson; default 0.3 mixed, 0.2 fastgen)",
+    )
+    serving.add_argument(
+        "--num-long-prompts",
+        type=int,
+        default=None,
+        help="SplitFuse: long prompts that arrive (default 6 mixed, 12 fastgen)",
+    )
+    serving.add_argument(
         "--batching-budget",
         type=int,
         default=256,
@@ -454,6 +466,16 @@ def cmd_bench_serving(args: argparse.Namespace) -> int:
         splitfuse_budget=args.budget,
         batching_budget=args.batching_budget or None,
     )
+    if args.arrival_rate is not None:
+        if args.arrival_rate <= 0:
+            print("error: --arrival-rate must be positive", file=sys.stderr)
+            return 2
+        cfg.long_prompt_rate = cfg.fastgen_rate = args.arrival_rate
+    if args.num_long_prompts is not None:
+        if args.num_long_prompts < 1:
+            print("error: --num-long-prompts must be positive", file=sys.stderr)
+            return 2
+        cfg.num_long_prompts = cfg.fastgen_requests = args.num_long_prompts
     if args.quick:
         cfg.num_chats, cfg.same_length, cfg.max_length = 4, 8, 16
         cfg.num_long_prompts, cfg.long_prompt_words, cfg.stream_tokens = 1, 200, 16

@@ -56,6 +56,10 @@ class BenchConfig:
     fastgen_tokens: int = 64
     ttft_sla_s: float = 20.0  # effective throughput: a request counts if it meets both
     min_decode_rate: float = 2.0  # tokens/s after its first token
+    # An inter-token gap this long counts as a stall (a decode step here is 0.03-0.3 s; an
+    # unchunked ~1,050-token prefill 2-8 s): the share of stalled gaps decides whether p95 sees
+    # them at all.
+    stall_s: float = 1.0
     splitfuse_budget: int | None = None  # None: the engine's own pick from its latency target
     curve_rates: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)  # offered loads, requests/s
     curve_requests: int = 8
@@ -164,6 +168,9 @@ def _summarise_timed(requests: list[wl.TimedRequest], cfg: BenchConfig, seconds:
         "ttft_s": wl.percentiles(ttft),
         "max_inter_token_s": max(itl, default=0.0),
         "inter_token_s": wl.percentiles(itl),
+        "num_inter_token_gaps": len(itl),
+        "stall_s": cfg.stall_s,
+        "stalled_gap_fraction": sum(gap >= cfg.stall_s for gap in itl) / max(len(itl), 1),
         "throughput_tok_s": tokens / seconds,
         "effective_throughput_req_s": len(meets) / seconds,
         "num_requests": len(requests),
@@ -173,7 +180,12 @@ def _summarise_timed(requests: list[wl.TimedRequest], cfg: BenchConfig, seconds:
 
 
 def _splitfuse(model, tokenizer, cfg: BenchConfig) -> dict[str, Any]:
-    results: dict[str, Any] = {"workload": cfg.splitfuse_workload}
+    results: dict[str, Any] = {
+        "workload": cfg.splitfuse_workload,
+        "arrival_rate": cfg.fastgen_rate
+        if cfg.splitfuse_workload == "fastgen"
+        else cfg.long_prompt_rate,
+    }
     for chunked in (True, False):
         engine = Engine(
             copy.deepcopy(model),
@@ -380,7 +392,7 @@ def format_table(results: dict[str, Any]) -> str:
             ]
     sf = results.get("splitfuse")
     if sf:
-        rows.append(("splitfuse workload", sf["workload"]))
+        rows.append(("splitfuse workload", f"{sf['workload']} at {sf['arrival_rate']} prompts/s"))
         for mode in ("chunked", "unchunked"):
             m = sf[mode]
             rows.append(
@@ -390,6 +402,12 @@ def format_table(results: dict[str, Any]) -> str:
                 )
             )
             rows.append((f"splitfuse {mode}: longest stall s", f"{m['max_inter_token_s']:.2f}"))
+            rows.append(
+                (
+                    f"splitfuse {mode}: gaps >= {m['stall_s']} s (stalls)",
+                    f"{m['stalled_gap_fraction']:.1%} of {m['num_inter_token_gaps']}",
+                )
+            )
             rows.append(
                 (
                     f"splitfuse {mode}: TTFT p50/p95 s, effective req/s",

@@ -13,7 +13,13 @@ import pytest
 from factories import make_model
 
 from serving.bench import workloads as wl
-from serving.bench.run import BenchConfig, _splitfuse_workload, format_table, run_serving_bench
+from serving.bench.run import (
+    BenchConfig,
+    _splitfuse_workload,
+    _summarise_timed,
+    format_table,
+    run_serving_bench,
+)
 from serving.engine import Engine, EngineConfig
 from visualchat.api import VisualChat
 from visualchat.cli import main
@@ -122,6 +128,38 @@ def test_the_cli_passes_the_budget_and_workload_to_the_bench(
     assert parts == ("splitfuse",) and with_budget.splitfuse_workload == "fastgen"
     assert with_budget.splitfuse_budget == 32 and default.splitfuse_budget is None
     assert default.batching_budget == 256 and no_batching_budget.batching_budget is None
+    assert default.long_prompt_rate == BenchConfig.long_prompt_rate
+
+
+def test_the_cli_sets_the_splitfuse_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    seen: list[BenchConfig] = []
+
+    def fake_bench(cfg: BenchConfig, parts: tuple[str, ...]) -> dict:
+        seen.append(cfg)
+        return {"json": str(tmp_path / "serving.json")}
+
+    monkeypatch.setattr("serving.bench.run.run_serving_bench", fake_bench)
+    argv = ["bench", "serving", "--parts", "splitfuse", "--out-dir", str(tmp_path)]
+    assert main([*argv, "--arrival-rate", "0.9", "--num-long-prompts", "10"]) == 0
+    (cfg,) = seen
+    assert cfg.long_prompt_rate == cfg.fastgen_rate == 0.9
+    assert cfg.num_long_prompts == cfg.fastgen_requests == 10
+    assert len([a for a in _splitfuse_workload(cfg) if a[2] == 16]) == 10  # the long prompts
+    assert main([*argv, "--arrival-rate", "0"]) == 2
+    assert main([*argv, "--num-long-prompts", "0"]) == 2
+    assert len(seen) == 1
+
+
+def test_the_summary_counts_stalled_gaps() -> None:
+    # Gaps 0.1, 0.1, 2.0 and 0.2, 1.0: two of five reach the 1 s stall mark.
+    requests = [
+        wl.TimedRequest(arrival=0.0, token_times=[0.5, 0.6, 0.7, 2.7]),
+        wl.TimedRequest(arrival=0.0, token_times=[1.0, 1.2, 2.2]),
+    ]
+    summary = _summarise_timed(requests, BenchConfig(stall_s=1.0), seconds=3.0)
+    assert summary["num_inter_token_gaps"] == 5
+    assert summary["stalled_gap_fraction"] == pytest.approx(2 / 5)
+    assert summary["max_inter_token_s"] == pytest.approx(2.0)
 
 
 def test_decode_rates_count_the_gaps_after_the_first_token(tiny_config: BenchConfig) -> None:

@@ -12,7 +12,7 @@ from training.config import TrainConfig, VisionAuxSpec
 from training.model_init import named_group_tensors
 from training.run_log import LOG_NAME, read_log
 from training.trainer import run_training
-from training.vision_aux import HEADS_FILE, VisionAux
+from training.vision_aux import HEADS_FILE, VisionAux, compare_towers
 from visualchat.model.vision import VisionConfig, VisionTower
 
 TOWER = {"image_size": 96, "patch_size": 24, "width": 32, "layers": 1, "head_width": 16}
@@ -50,8 +50,8 @@ def test_a_resumed_run_reads_the_heads_its_first_start_fitted(tmp_path, monkeypa
 
     monkeypatch.setattr(VisionAux, "fit_heads", refit)
     again = VisionAux.prepare(vision, SPEC, seed=0, precision="fp32", run_dir=tmp_path)
-    for a, b in zip(first.heads.state_dict().values(), again.heads.state_dict().values()):
-        assert torch.equal(a, b)
+    fitted, read = first.heads.state_dict(), again.heads.state_dict()
+    assert all(torch.equal(fitted[k], read[k]) for k in fitted)
 
 
 def test_the_scenes_of_a_step_are_a_function_of_seed_and_step(tmp_path) -> None:
@@ -133,3 +133,16 @@ def test_the_trainer_adds_the_loss_to_every_step(tmp_path, backbone_dir, train_d
     p = named_group_tensors(with_aux.model, ["projector"])
     q = named_group_tensors(without.model, ["projector"])
     assert all(torch.allclose(p[k], q[k], atol=1e-2) for k in p)
+
+
+def test_a_tower_moved_away_reads_worse_through_the_reference_heads() -> None:
+    reference = tower()
+    moved = tower()
+    moved.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    results = compare_towers(reference, {"moved": moved, "same": tower()}, SPEC, batches=2)
+    assert list(results) == ["reference", "moved", "same"]
+    assert results["moved"]["loss"] > results["reference"]["loss"]
+    assert results["same"]["loss"] == pytest.approx(results["reference"]["loss"])
