@@ -151,10 +151,10 @@ def test_the_cli_sets_the_splitfuse_load(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 
 def test_the_summary_counts_stalled_gaps() -> None:
-    # Gaps 0.1, 0.1, 2.0 and 0.2, 1.0: two of five reach the 1 s stall mark.
+    # Gaps 0.1, 0.1, 2.0 and 0.25, 1.0 (exact in binary): two of five reach the 1 s mark.
     requests = [
         wl.TimedRequest(arrival=0.0, token_times=[0.5, 0.6, 0.7, 2.7]),
-        wl.TimedRequest(arrival=0.0, token_times=[1.0, 1.2, 2.2]),
+        wl.TimedRequest(arrival=0.0, token_times=[1.0, 1.25, 2.25]),
     ]
     summary = _summarise_timed(requests, BenchConfig(stall_s=1.0), seconds=3.0)
     assert summary["num_inter_token_gaps"] == 5

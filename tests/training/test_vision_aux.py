@@ -52,6 +52,7 @@ def test_a_resumed_run_reads_the_heads_its_first_start_fitted(tmp_path, monkeypa
     again = VisionAux.prepare(vision, SPEC, seed=0, precision="fp32", run_dir=tmp_path)
     fitted, read = first.heads.state_dict(), again.heads.state_dict()
     assert all(torch.equal(fitted[k], read[k]) for k in fitted)
+    assert all(not p.requires_grad for p in again.heads.parameters())  # read heads stay fixed
 
 
 def test_the_scenes_of_a_step_are_a_function_of_seed_and_step(tmp_path) -> None:
