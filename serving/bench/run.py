@@ -179,7 +179,7 @@ def _summarise_timed(requests: list[wl.TimedRequest], cfg: BenchConfig, seconds:
     }
 
 
-def _splitfuse(model, tokenizer, cfg: BenchConfig) -> dict[str, Any]:
+def splitfuse_comparison(model, tokenizer, cfg: BenchConfig) -> dict[str, Any]:
     results: dict[str, Any] = {
         "workload": cfg.splitfuse_workload,
         "arrival_rate": cfg.fastgen_rate
@@ -354,7 +354,7 @@ def run_serving_bench(cfg: BenchConfig, parts: tuple[str, ...] | None = None) ->
     if "single_stream" in parts:
         results["single_stream"] = _single_stream(engine, cfg)
     if "splitfuse" in parts:
-        results["splitfuse"] = _splitfuse(model, tokenizer, cfg)
+        results["splitfuse"] = splitfuse_comparison(model, tokenizer, cfg)
     if "curve" in parts:
         results["curve"] = _curve(model, tokenizer, cfg, out_dir)
     path = out_dir / "serving.json"
