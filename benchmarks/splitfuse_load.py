@@ -17,8 +17,6 @@ a table and a plot of the inter-token percentiles against the rate.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ import torch
 
 from serving.bench.run import SPLITFUSE_WORKLOADS, BenchConfig, splitfuse_comparison
 from visualchat.api import VisualChat
-from visualchat.atomic import atomic_write_json
+from visualchat.atomic import atomic_save_figure, atomic_write_json
 
 
 def sweep(cfg: BenchConfig, rates: list[float], num_requests: int) -> list[dict[str, Any]]:
@@ -36,13 +34,7 @@ def sweep(cfg: BenchConfig, rates: list[float], num_requests: int) -> list[dict[
     points = []
     for rate in rates:
         torch.manual_seed(cfg.seed)
-        at_rate = dataclasses.replace(
-            cfg,
-            long_prompt_rate=rate,
-            fastgen_rate=rate,
-            num_long_prompts=num_requests,
-            fastgen_requests=num_requests,
-        )
+        at_rate = cfg.with_splitfuse_load(rate, num_requests)
         result = splitfuse_comparison(vc.model, vc.tokenizer, at_rate)
         on, off = result["chunked"], result["unchunked"]
         points.append(
@@ -93,9 +85,8 @@ def plot(points: list[dict[str, Any]], path: Path, workload: str) -> None:
     ax.set_title(f"SplitFuse on vs off, '{workload}' workload, embedded model, CPU")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    atomic_save_figure(fig, path)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from training.run_log import LOG_NAME
+from visualchat.atomic import atomic_save_figure
 
 
 @dataclass
@@ -90,12 +91,8 @@ def plot_curves(runs: Sequence[RunCurves], out: str | os.PathLike, title: str = 
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_save_figure(fig, out)
     plt.close(fig)
-    os.replace(tmp, out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

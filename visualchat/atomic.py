@@ -3,6 +3,7 @@ folder, then rename it over the target (a rename within one filesystem is atomic
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -30,3 +31,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, payload: Any) -> None:
     """Indented JSON with a final newline; values JSON cannot hold are written as str()."""
     atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def atomic_save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> None:
+    """A matplotlib figure as PNG (rendered in memory, then written as above)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    atomic_write_bytes(path, buffer.getvalue())

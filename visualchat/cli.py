@@ -466,16 +466,13 @@ def cmd_bench_serving(args: argparse.Namespace) -> int:
         splitfuse_budget=args.budget,
         batching_budget=args.batching_budget or None,
     )
-    if args.arrival_rate is not None:
-        if args.arrival_rate <= 0:
-            print("error: --arrival-rate must be positive", file=sys.stderr)
-            return 2
-        cfg.long_prompt_rate = cfg.fastgen_rate = args.arrival_rate
-    if args.num_long_prompts is not None:
-        if args.num_long_prompts < 1:
-            print("error: --num-long-prompts must be positive", file=sys.stderr)
-            return 2
-        cfg.num_long_prompts = cfg.fastgen_requests = args.num_long_prompts
+    if args.arrival_rate is not None and args.arrival_rate <= 0:
+        print("error: --arrival-rate must be positive", file=sys.stderr)
+        return 2
+    if args.num_long_prompts is not None and args.num_long_prompts < 1:
+        print("error: --num-long-prompts must be positive", file=sys.stderr)
+        return 2
+    cfg = cfg.with_splitfuse_load(args.arrival_rate, args.num_long_prompts)
     if args.quick:
         cfg.num_chats, cfg.same_length, cfg.max_length = 4, 8, 16
         cfg.num_long_prompts, cfg.long_prompt_words, cfg.stream_tokens = 1, 200, 16

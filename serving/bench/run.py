@@ -7,8 +7,8 @@ every raw figure and the table the medians/ratios quoted in the README.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
-import os
 import random
 import statistics
 import time
@@ -21,7 +21,7 @@ import torch
 from serving.bench import workloads as wl
 from serving.engine import Engine, EngineConfig, EngineLoop
 from visualchat.api import VisualChat
-from visualchat.atomic import atomic_write_json
+from visualchat.atomic import atomic_save_figure, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,18 @@ class BenchConfig:
     single_stream_tokens: int = 64
     single_stream_rounds: int = 5  # (bandwidth, decode) pairs; the median fraction is quoted
     seed: int = 0
+
+    def with_splitfuse_load(
+        self, rate: float | None = None, num_prompts: int | None = None
+    ) -> BenchConfig:
+        """A copy whose SplitFuse part, either workload, has `rate` long prompts/s arriving and
+        `num_prompts` of them (None: unchanged)."""
+        changes: dict[str, Any] = {}
+        if rate is not None:
+            changes.update(long_prompt_rate=rate, fastgen_rate=rate)
+        if num_prompts is not None:
+            changes.update(num_long_prompts=num_prompts, fastgen_requests=num_prompts)
+        return dataclasses.replace(self, **changes)
 
 
 def batching_workload(cfg: BenchConfig) -> tuple[list, dict[str, list[int]]]:
@@ -326,9 +338,8 @@ def _plot_curve(points: list[dict], path: Path) -> None:
     ax.set_title("VisualChat engine, embedded model, CPU")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    atomic_save_figure(fig, path)
+    plt.close(fig)
 
 
 def run_serving_bench(cfg: BenchConfig, parts: tuple[str, ...] | None = None) -> dict[str, Any]:
