@@ -105,6 +105,7 @@ class _Window:
     num_tokens: int = 0  # global
     lr: float = 0.0  # learning rate of the last step
     aux: dict[str, float] = field(default_factory=dict)  # summed vision-aux loss and accuracies
+    grad_norms: list[float] = field(default_factory=list)  # pre-clipping norm of each step
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -331,6 +332,8 @@ class Trainer:
                 setattr(window, key, getattr(window, key) + stats[key])
             for key, value in stats["aux"].items():
                 window.aux[key] = window.aux.get(key, 0.0) + value
+            if stats["grad_norm"] is not None:
+                window.grad_norms.append(stats["grad_norm"])
             self.progress.update(1)
             is_stage_end = state.global_step == self.stage_starts[index] + stage.steps
             if state.global_step % config.run.log_every == 0 or is_stage_end:
@@ -427,8 +430,12 @@ class Trainer:
                 loss = kind.loss(wrapped, batch.to(acc.device))
                 acc.backward(loss * scale)
             loss_sum += loss.detach().float()
+        grad_norm = None
         if stage.max_grad_norm > 0:
-            acc.clip_grad_norm_(list(trainable.values()), stage.max_grad_norm)
+            # The norm before clipping: logged, since a clipped step is a smaller step than the
+            # schedule says (and an auxiliary loss's gradient shrinks the answers' share of it).
+            norm = acc.clip_grad_norm_(list(trainable.values()), stage.max_grad_norm)
+            grad_norm = None if norm is None else float(norm)  # DeepSpeed clips inside
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         optimizer.step()
         scheduler.step()
@@ -441,6 +448,7 @@ class Trainer:
             "dropped": int(num_dropped),
             "lr": lr,
             "aux": aux,
+            "grad_norm": grad_norm,
         }
 
     # --- logging, checkpoints, evaluation ---------------------------------------------------
@@ -467,6 +475,11 @@ class Trainer:
             "elapsed": time.perf_counter() - self.started,
             "dropped": state.num_dropped,
         }
+        if window.grad_norms:  # before clipping; a step is clipped when it exceeds max_grad_norm
+            norms = window.grad_norms
+            record["grad_norm"] = sum(norms) / len(norms)
+            record["grad_norm_max"] = max(norms)
+            record["clipped_fraction"] = sum(n > stage.max_grad_norm for n in norms) / len(norms)
         steps = window.aux.get("aux_steps", 0.0)
         if steps:  # the vision-aux loss and read-out accuracies, means over the window
             record["vision_aux"] = {

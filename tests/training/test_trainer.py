@@ -73,6 +73,18 @@ def test_loss_goes_down(trained) -> None:
     assert train[0]["lr"] == pytest.approx(1e-2)  # no warm-up: cosine from the full rate
 
 
+def test_gradient_norm_logged_before_clipping(trained) -> None:
+    config, _ = trained
+    train = [r for r in read_log(config.output_dir / "log.jsonl") if r["type"] == "train"]
+    limit = config.stages[0].max_grad_norm
+    assert limit == 1.0
+    for record in train:  # one step per log line here, so the window's mean is that step's norm
+        assert record["grad_norm"] > 0 and record["grad_norm_max"] == record["grad_norm"]
+        assert record["clipped_fraction"] == float(record["grad_norm"] > limit)
+    # The fresh projector's first steps are clipped: the norm is the one before clipping.
+    assert train[0]["grad_norm"] > limit and train[0]["clipped_fraction"] == 1.0
+
+
 def test_eval_records(trained) -> None:
     config, result = trained
     evals = [r for r in read_log(config.output_dir / "log.jsonl") if r["type"] == "eval"]
