@@ -432,8 +432,8 @@ class Trainer:
             loss_sum += loss.detach().float()
         grad_norm = None
         if stage.max_grad_norm > 0:
-            # The norm before clipping: logged, since a clipped step is a smaller step than the
-            # schedule says (and an auxiliary loss's gradient shrinks the answers' share of it).
+            # The norm before clipping, logged so a run shows how often clipping acts (AdamW
+            # undoes a constant scale, but not one that changes from step to step).
             norm = acc.clip_grad_norm_(list(trainable.values()), stage.max_grad_norm)
             grad_norm = None if norm is None else float(norm)  # DeepSpeed clips inside
         lr = scheduler.get_last_lr()[0]  # the rate this step used

@@ -85,6 +85,25 @@ def test_gradient_norm_logged_before_clipping(trained) -> None:
     assert train[0]["grad_norm"] > limit and train[0]["clipped_fraction"] == 1.0
 
 
+def test_gradient_norm_window_aggregates_its_steps(tmp_path, backbone_dir, train_dir) -> None:
+    """A window of five steps logs the mean and max of the per-step norms and the share of them
+    over the limit; the limit here lies inside the run's range of norms, so both kinds occur."""
+    stage = {"name": "projector", "trainable": ["projector"], "steps": 10, "lr": 1e-2}
+    stage.update(batch_size=4, max_grad_norm=2.0)
+    logs = {}
+    for every in (1, 5):
+        out = tmp_path / f"every{every}"
+        recipe = recipe_dict(backbone_dir, train_dir, out, stages=[dict(stage)], log_every=every)
+        run_training(TrainConfig.from_dict(recipe))
+        logs[every] = [r for r in read_log(out / "log.jsonl") if r["type"] == "train"]
+    steps = [r["grad_norm"] for r in logs[1]]  # the same seed: the same steps
+    assert min(steps) < 2.0 < max(steps), steps
+    for window, record in zip((steps[:5], steps[5:]), logs[5], strict=True):
+        assert record["grad_norm"] == pytest.approx(sum(window) / 5, rel=1e-4)
+        assert record["grad_norm_max"] == pytest.approx(max(window), rel=1e-4)
+        assert record["clipped_fraction"] == sum(n > 2.0 for n in window) / 5
+
+
 def test_eval_records(trained) -> None:
     config, result = trained
     evals = [r for r in read_log(config.output_dir / "log.jsonl") if r["type"] == "eval"]
