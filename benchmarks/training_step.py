@@ -9,7 +9,11 @@ the padded fraction of the tokens of the recipe's first 400 steps when each step
 length-sorted samples are cut into 2 x 8 or 4 x 4 micro-batches (on the trainer's approximate
 lengths plus the chat template's fixed tokens, measured on the same batch).
 
-    python benchmarks/training_step.py [--batch 8] [--repeats 4] [--out result.json]
+With --fast it also times the eager step with the recipe switches of `training.fast_step`
+(frozen linear weights held in bf16, then also the decoder layers compiled; the compile's
+first call is reported apart, not in the median).
+
+    python benchmarks/training_step.py [--batch 8] [--repeats 4] [--fast] [--out result.json]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from training.collator import Collator
 from training.config import LoraSpec, TrainConfig
 from training.data import DataOrder, approximate_lengths, open_blended, plan_micro_batches
 from training.embedded import build_embedded
+from training.fast_step import FrozenBf16, compile_decoder_layers
 from training.model_init import attach_lora, set_trainable
 from training.stages import lm_loss
 from training.trainer import TRAINING_IMAGE_LIMITS
@@ -47,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8, help="conversations per micro-batch")
     parser.add_argument("--repeats", type=int, default=4, help="timed micro-batches per kernel")
+    parser.add_argument(
+        "--fast", action="store_true", help="also time the fast_step switches (compiles once)"
+    )
     parser.add_argument("--out", default=None, help="also write the results here (JSON)")
     args = parser.parse_args(argv)
     recipe = TrainConfig.from_yaml(RECIPE)
@@ -70,16 +78,30 @@ def main(argv: list[str] | None = None) -> int:
             loss = lm_loss(model, batch)
         loss.backward()
 
-    seconds: dict[str, float] = {}
-    for kernel in ("sdpa", "eager"):
-        model.language_model.set_attn_implementation(kernel)
-        micro_batch()  # warm-up
+    def timed() -> tuple[float, float]:
+        """(first call, median of the repeats) in seconds."""
+        started = time.perf_counter()
+        micro_batch()  # warm-up (and compilation)
+        first = time.perf_counter() - started
         times = []
         for _ in range(args.repeats):
             started = time.perf_counter()
             micro_batch()
             times.append(time.perf_counter() - started)
-        seconds[kernel] = statistics.median(times)
+        return first, statistics.median(times)
+
+    seconds: dict[str, float] = {}
+    for kernel in ("sdpa", "eager"):
+        model.language_model.set_attn_implementation(kernel)
+        seconds[kernel] = timed()[1]
+    first_compiled = None
+    if args.fast:  # eager attention, as the trainer runs causal models on CPU
+        frozen = FrozenBf16(model.language_model)
+        frozen.apply()
+        seconds["eager+frozen_bf16"] = timed()[1]
+        compile_decoder_layers(model.language_model)
+        first_compiled, seconds["eager+frozen_bf16+compile"] = timed()
+        frozen.restore()
     order = DataOrder(len(data), recipe.run.seed)
     padding = {
         f"{b}x{a}": padded_fraction(lengths + template_tokens, order, b, a, steps=400)
@@ -87,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"micro-batch of {tuple(batch.input_ids.shape)} tokens, forward + backward:")
     for kernel, s in seconds.items():
-        print(f"  {kernel:5s} {s:.2f} s")
+        print(f"  {kernel:25s} {s:.2f} s  ({seconds['eager'] / s:.2f}x eager)")
+    if first_compiled is not None:
+        print(f"  first compiled micro-batch (compiles the layers): {first_compiled:.1f} s")
     print(
         "padded share of the tokens, 16 samples per step: "
         + ", ".join(f"{split} {100 * share:.0f}%" for split, share in padding.items())
@@ -99,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 "micro_batch_shape": list(batch.input_ids.shape),
                 "threads": torch.get_num_threads(),
                 "fwd_bwd_s": seconds,
+                "first_compiled_s": first_compiled,
                 "padded_share": padding,
             },
         )

@@ -280,6 +280,10 @@ class RunSpec:
     num_workers: int = 0  # DataLoader worker processes per rank
     progress: bool = True  # tqdm bar on the main process
     merge: bool = False  # also write output_dir/merged: LoRA folded into a full checkpoint
+    # Cheaper CPU steps, same arithmetic (training.fast_step): the LM's frozen linear weights
+    # held in bf16 during steps (needs precision bf16), and its decoder layers torch.compiled.
+    frozen_weights_bf16: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.output_dir, str | os.PathLike) or not str(self.output_dir):
@@ -296,6 +300,11 @@ class RunSpec:
         _positive_int(self.num_workers, "run.num_workers", allow_zero=True)
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"run.precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.frozen_weights_bf16 and self.precision != "bf16":
+            raise ValueError(
+                "run.frozen_weights_bf16 needs run.precision: bf16 (it relies on autocast "
+                "casting every matmul to bf16 anyway)"
+            )
 
 
 @dataclass

@@ -38,6 +38,7 @@ from training.checkpoint import (
 from training.collator import Collator
 from training.config import StageSpec, TrainConfig
 from training.data import DataOrder, approximate_lengths, open_blended, plan_micro_batches
+from training.fast_step import FrozenBf16, compile_decoder_layers, eager, uncompile_decoder_layers
 from training.held_out import HeldOut
 from training.model_init import (
     attach_lora,
@@ -132,6 +133,7 @@ class Trainer:
         self.last_loss: float | None = None
         self.last_eval: dict[str, Any] | None = None
         self.last_eval_step = -1
+        self.frozen_bf16: FrozenBf16 | None = None  # while a stage with frozen_weights_bf16 runs
 
     # --- the run ---------------------------------------------------------------------------
 
@@ -287,6 +289,7 @@ class Trainer:
             self._attach_lora()
         trainable = set_trainable(self.model, stage.trainable)
         self.vision_aux = self._vision_aux(stage)
+        self._speed_up(trainable)
         optimizer = build_optimizer(trainable, stage)
         scheduler = build_scheduler(optimizer, stage)
         if optimizer_state is not None and not self.is_deepspeed:
@@ -344,9 +347,24 @@ class Trainer:
                 self._save(state, index, optimizer, scheduler)
             if self._is_eval_step(state.global_step):
                 self._evaluate(state, index)
+        if self.frozen_bf16 is not None:  # the next stage may freeze other weights
+            self.frozen_bf16.restore()
+            self.frozen_bf16 = None
         # Drop this stage's DDP wrapper and optimizer before the next stage wraps the model.
         del wrapped, optimizer, batches
         acc.free_memory()
+
+    def _speed_up(self, trainable: dict[str, torch.nn.Parameter]) -> None:
+        """run.frozen_weights_bf16 and run.compile (training.fast_step), for this stage."""
+        run = self.config.run
+        if run.frozen_weights_bf16:
+            self.frozen_bf16 = FrozenBf16(self.model.language_model)
+            self.frozen_bf16.apply()
+        if run.compile:
+            if self.accelerator.num_processes > 1:
+                raise NotImplementedError("run.compile is built and tested for one process only")
+            count = compile_decoder_layers(self.model.language_model)
+            logger.info("%d decoder layers compiled (the first micro-batch compiles them)", count)
 
     def _vision_aux(self, stage: StageSpec) -> VisionAux | None:
         if stage.vision_aux is None:
@@ -529,7 +547,12 @@ class Trainer:
 
     def _evaluate(self, state: TrainState, stage_index: int) -> None:
         stage = self.config.stages[stage_index]
-        result = self.held_out.evaluate(self.model, self.accelerator, stage.batch_size)
+        # Evaluation and generation see the float32 weights and run eagerly (training.fast_step).
+        full_precision = (
+            self.frozen_bf16.full_precision() if self.frozen_bf16 else contextlib.nullcontext()
+        )
+        with full_precision, eager():
+            result = self.held_out.evaluate(self.model, self.accelerator, stage.batch_size)
         record = {"type": "eval", "step": state.global_step, "stage": stage.name, **result}
         self.log.write(record)
         self.last_eval, self.last_eval_step = record, state.global_step
@@ -542,6 +565,8 @@ class Trainer:
 
         acc, config = self.accelerator, self.config
         self.model.set_attention(self.model.config.attention)  # the inference kernel again
+        if config.run.compile:
+            uncompile_decoder_layers(self.model.language_model)  # callers generate with it
         final = self.output_dir / FINAL_DIR
         merged = self.output_dir / MERGED_DIR if config.run.merge else None
         if acc.is_main_process:

@@ -108,6 +108,8 @@ def test_lora_defaults_when_no_block_is_given() -> None:
         ("data.max_length", 0, "data.max_length must be a positive integer"),
         ("data.train", None, r"data: missing required key\(s\) \['train'\]"),
         ("run.precision", "fp16", "run.precision must be 'fp32' or 'bf16'"),
+        ("run.frozen_weights_bf16", True, "frozen_weights_bf16 needs run.precision: bf16"),
+        ("run.compile", True, None),  # valid without bf16
         ("run.keep_checkpoints", 0, "run.keep_checkpoints must be a positive integer"),
         ("run.save_every", -1, "run.save_every must be a non-negative integer"),
         ("run", None, r"recipe: missing required key\(s\) \['run'\]"),

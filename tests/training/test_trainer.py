@@ -17,6 +17,7 @@ from training_fixtures import FACTORY_CALLS, make_record, recipe_dict
 from training.checkpoint import TrainState, find_latest, list_checkpoints
 from training.config import ModelSpec, TrainConfig
 from training.data import DataOrder, approximate_lengths, open_blended, plan_micro_batches
+from training.fast_step import decoder_layers
 from training.model_init import has_lora, init_model, named_group_tensors
 from training.run_log import read_log
 from training.trainer import run_training
@@ -278,6 +279,49 @@ def test_bf16_autocast_run_keeps_fp32_weights(
     assert autocast.dtype == plain.logits.dtype == torch.float32
     assert not torch.equal(autocast, plain.logits)
     torch.testing.assert_close(autocast, plain.logits, atol=0.1, rtol=0.05)
+
+
+def test_fast_steps_train_like_plain_ones(
+    tmp_path, backbone_dir, train_dir, eval_dir, fresh_accelerate_state
+) -> None:
+    """run.frozen_weights_bf16 + run.compile (training.fast_step): the same losses as a plain
+    bf16 run up to the compiled kernels' rounding, evaluation on the float32 weights, and a
+    model handed back uncompiled and in float32."""
+    stages = [
+        {
+            "name": "lora",
+            "trainable": ["lora", "projector"],
+            "steps": 3,
+            "lr": 1e-3,
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        }
+    ]
+    logs = {}
+    for name, fast in (("plain", False), ("fast", True)):
+        config = TrainConfig.from_dict(
+            recipe_dict(
+                backbone_dir,
+                train_dir,
+                tmp_path / name,
+                eval_dir,
+                stages=[dict(s) for s in stages],
+                precision="bf16",
+                eval_max_tokens=2,
+                frozen_weights_bf16=fast,
+                compile=fast,
+            )
+        )
+        result = run_training(config)
+        logs[name] = read_log(config.output_dir / "log.jsonl")
+    losses = {name: [r["loss"] for r in log if r["type"] == "train"] for name, log in logs.items()}
+    assert len(losses["fast"]) == 3
+    assert losses["fast"] == pytest.approx(losses["plain"], rel=2e-2)
+    evals = {name: [r for r in log if r["type"] == "eval"] for name, log in logs.items()}
+    assert len(evals["fast"]) == 1
+    assert evals["fast"][0]["eval_loss"] == pytest.approx(evals["plain"][0]["eval_loss"], rel=2e-2)
+    assert {p.dtype for p in result.model.parameters()} == {torch.float32}
+    layers = decoder_layers(result.model.language_model)
+    assert all(layer._compiled_call_impl is None for layer in layers)
 
 
 @pytest.mark.parametrize("which", ["final", "merged"])
