@@ -289,7 +289,7 @@ class Trainer:
             self._attach_lora()
         trainable = set_trainable(self.model, stage.trainable)
         self.vision_aux = self._vision_aux(stage)
-        self._speed_up(trainable)
+        self._speed_up()
         optimizer = build_optimizer(trainable, stage)
         scheduler = build_scheduler(optimizer, stage)
         if optimizer_state is not None and not self.is_deepspeed:
@@ -354,7 +354,7 @@ class Trainer:
         del wrapped, optimizer, batches
         acc.free_memory()
 
-    def _speed_up(self, trainable: dict[str, torch.nn.Parameter]) -> None:
+    def _speed_up(self) -> None:
         """run.frozen_weights_bf16 and run.compile (training.fast_step), for this stage."""
         run = self.config.run
         if run.frozen_weights_bf16:
@@ -549,7 +549,9 @@ class Trainer:
         stage = self.config.stages[stage_index]
         # Evaluation and generation see the float32 weights and run eagerly (training.fast_step).
         full_precision = (
-            self.frozen_bf16.full_precision() if self.frozen_bf16 else contextlib.nullcontext()
+            self.frozen_bf16.full_precision()
+            if self.frozen_bf16 is not None
+            else contextlib.nullcontext()
         )
         with full_precision, eager():
             result = self.held_out.evaluate(self.model, self.accelerator, stage.batch_size)
