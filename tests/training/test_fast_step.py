@@ -91,7 +91,7 @@ def test_full_precision_gives_the_float32_weights_inside_and_bf16_after() -> Non
     frozen.restore()
 
 
-def test_trainable_and_non_float32_weights_are_left_alone() -> None:
+def test_trainable_weights_are_left_alone() -> None:
     model = _tiny_lm()
     frozen = FrozenBf16(model)
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -282,7 +283,7 @@ def test_bf16_autocast_run_keeps_fp32_weights(
 
 
 def test_fast_steps_train_like_plain_ones(
-    tmp_path, backbone_dir, train_dir, eval_dir, fresh_accelerate_state
+    tmp_path, backbone_dir, train_dir, eval_dir, fresh_accelerate_state, caplog
 ) -> None:
     """run.frozen_weights_bf16 + run.compile (training.fast_step): the same losses as a plain
     bf16 run up to the compiled kernels' rounding, evaluation on the float32 weights, and a
@@ -296,8 +297,10 @@ def test_fast_steps_train_like_plain_ones(
             "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
         }
     ]
-    logs = {}
+    logs, messages = {}, {}
     for name, fast in (("plain", False), ("fast", True)):
+        caplog.clear()
+        caplog.set_level(logging.INFO, logger="training")
         config = TrainConfig.from_dict(
             recipe_dict(
                 backbone_dir,
@@ -313,6 +316,10 @@ def test_fast_steps_train_like_plain_ones(
         )
         result = run_training(config)
         logs[name] = read_log(config.output_dir / "log.jsonl")
+        messages[name] = caplog.text
+    # The switches acted in the fast run only (the equalities below would hold without them).
+    for sign in ("frozen linear weights held in bf16", "decoder layers compiled"):
+        assert sign in messages["fast"] and sign not in messages["plain"], sign
     losses = {name: [r["loss"] for r in log if r["type"] == "train"] for name, log in logs.items()}
     assert len(losses["fast"]) == 3
     assert losses["fast"] == pytest.approx(losses["plain"], rel=2e-2)
