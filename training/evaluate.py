@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -81,8 +82,26 @@ class Score:
         self.num_correct += int(is_correct)
         self.num_total += 1
 
+    def interval(self, z: float = 1.96) -> tuple[float, float]:
+        """Wilson score interval of the accuracy (95% for z = 1.96). Why: a family has 50
+        questions here, so one question is 2 points; the interval says which differences
+        between checkpoints a single evaluation can show at all."""
+        n = self.num_total
+        if n == 0:
+            return 0.0, 1.0
+        p = self.accuracy
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return max(0.0, centre - half), min(1.0, centre + half)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"correct": self.num_correct, "total": self.num_total, "accuracy": self.accuracy}
+        low, high = self.interval()
+        return {
+            "correct": self.num_correct,
+            "total": self.num_total,
+            "accuracy": self.accuracy,
+            "ci95": [round(low, 4), round(high, 4)],
+        }
 
 
 @dataclass
@@ -132,7 +151,7 @@ class EvalReport:
 
     def table(self) -> str:
         """Plain-text table: each group's families, the group total, then the overall line."""
-        rows = [("group", "family", "correct", "total", "accuracy")]
+        rows = [("group", "family", "correct", "total", "accuracy", "95% interval")]
         families = self.by_family()
         for group, score in self.by_group().items():
             for name, family_score in families.items():
@@ -140,7 +159,7 @@ class EvalReport:
                     rows.append((group, name, *_cells(family_score)))
             rows.append((group, "(all)", *_cells(score)))
         rows.append(("overall", "", *_cells(self.overall())))
-        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        widths = [max(len(row[i]) for row in rows) for i in range(6)]
         lines = []
         for row in rows:
             left = [cell.ljust(w) for cell, w in zip(row[:2], widths[:2], strict=True)]
@@ -149,8 +168,58 @@ class EvalReport:
         return "\n".join(lines)
 
 
-def _cells(score: Score) -> tuple[str, str, str]:
-    return str(score.num_correct), str(score.num_total), f"{100 * score.accuracy:.1f}%"
+def _cells(score: Score) -> tuple[str, str, str, str]:
+    low, high = score.interval()
+    return (
+        str(score.num_correct),
+        str(score.num_total),
+        f"{100 * score.accuracy:.1f}%",
+        f"{100 * low:.1f}-{100 * high:.1f}",
+    )
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Two evaluations of the same questions, matched by (record id, turn): the questions only
+    one of them got right, and the exact two-sided McNemar p-value of that split (a binomial
+    test of the discordant questions at 1/2). Paired, because both answered the same
+    questions: far more sensitive than comparing two accuracies with their intervals."""
+
+    num_shared: int  # questions in both reports
+    new_only: int  # right in the new report, wrong in the old
+    old_only: int  # right in the old report, wrong in the new
+    p_value: float
+
+    def summary(self) -> str:
+        return (
+            f"against the old report, on {self.num_shared} shared questions: "
+            f"{self.new_only} now right that were wrong, {self.old_only} now wrong that were "
+            f"right (net {self.new_only - self.old_only:+d}; exact McNemar p = {self.p_value:.3g})"
+        )
+
+
+def compare_reports(new: Mapping[str, Any], old: Mapping[str, Any]) -> PairedComparison:
+    """Paired comparison of two `EvalReport.to_dict()` results (e.g. two `--json` files)."""
+
+    def outcomes(report: Mapping[str, Any]) -> dict[tuple[str, int], bool]:
+        return {(r["id"], int(r["turn"])): bool(r["correct"]) for r in report["results"]}
+
+    new_outcomes, old_outcomes = outcomes(new), outcomes(old)
+    shared = new_outcomes.keys() & old_outcomes.keys()
+    if not shared:
+        raise ValueError("the two reports share no question (record id and turn)")
+    new_only = sum(new_outcomes[k] and not old_outcomes[k] for k in shared)
+    old_only = sum(old_outcomes[k] and not new_outcomes[k] for k in shared)
+    return PairedComparison(len(shared), new_only, old_only, _mcnemar_exact(new_only, old_only))
+
+
+def _mcnemar_exact(a: int, b: int) -> float:
+    """Two-sided exact binomial p-value of a of a + b discordant pairs at probability 1/2."""
+    n = a + b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(a, b) + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def evaluation_turns(

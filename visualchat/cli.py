@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import platform
@@ -124,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="questions decoded together by the serving engine (1: the reference decoder)",
     )
     evaluate.add_argument("--json", default=None, help="also write the full report here")
+    evaluate.add_argument(
+        "--compare-to",
+        default=None,
+        metavar="REPORT.json",
+        help="an earlier --json report of the same questions: print a paired comparison",
+    )
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--dtype", default=None)
     evaluate.set_defaults(run=cmd_eval)
@@ -498,13 +505,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from training.evaluate import evaluate_checkpoint
+    from training.evaluate import compare_reports, evaluate_checkpoint
     from visualchat.atomic import atomic_write_text
 
     model = None if args.model == "embedded" else args.model
     if model is not None and not os.path.isdir(model):
         print(f"error: no checkpoint folder at {model}", file=sys.stderr)
         return 2
+    old = None
+    if args.compare_to:  # read first: a bad file fails before minutes of evaluation
+        try:
+            with open(args.compare_to, encoding="utf-8") as f:
+                old = json.load(f)
+            if not isinstance(old, dict) or not isinstance(old.get("results"), list):
+                raise ValueError("it has no 'results' list")
+        except (OSError, ValueError) as error:
+            print(
+                f"error: cannot read {args.compare_to} as an eval report: {error}", file=sys.stderr
+            )
+            return 2
     started = time.perf_counter()
     report = evaluate_checkpoint(
         model if model is not None else _embedded_answerer(args),
@@ -520,6 +539,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"({len(report.results)} questions in {time.perf_counter() - started:.0f} s)")
     if args.json:
         atomic_write_text(args.json, report.to_json() + "\n")
+    if args.compare_to:
+        print(compare_reports(report.to_dict(), old).summary())
     return 0
 
 

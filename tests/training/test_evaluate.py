@@ -12,7 +12,9 @@ from training_fixtures import make_blended_dataset, make_record
 from tests.factories import make_model
 from training.evaluate import (
     EvalReport,
+    Score,
     TurnResult,
+    compare_reports,
     evaluate_checkpoint,
     evaluate_records,
     evaluation_turns,
@@ -131,17 +133,22 @@ def test_exact_numbers_per_family_group_and_overall(tmp_path) -> None:
     assert (overall.num_correct, overall.num_total, overall.accuracy) == (4, 10, 0.4)
     assert report.table() == "\n".join(
         [
-            "group        family       correct  total  accuracy",
-            "attribute    color              3      8     37.5%",
-            "attribute    (all)              3      8     37.5%",
-            "cross_image  cross_which        1      2     50.0%",
-            "cross_image  (all)              1      2     50.0%",
-            "overall                         4     10     40.0%",
+            "group        family       correct  total  accuracy  95% interval",
+            "attribute    color              3      8     37.5%     13.7-69.4",
+            "attribute    (all)              3      8     37.5%     13.7-69.4",
+            "cross_image  cross_which        1      2     50.0%      9.5-90.5",
+            "cross_image  (all)              1      2     50.0%      9.5-90.5",
+            "overall                         4     10     40.0%     16.8-68.7",
         ]
     )
     data = json.loads(report.to_json())
-    assert data["overall"] == {"correct": 4, "total": 10, "accuracy": 0.4}
-    assert data["groups"]["cross_image"] == {"correct": 1, "total": 2, "accuracy": 0.5}
+    assert data["overall"] == {
+        "correct": 4,
+        "total": 10,
+        "accuracy": 0.4,
+        "ci95": [0.1682, 0.6873],
+    }
+    assert data["groups"]["cross_image"]["ci95"] == [0.0945, 0.9055]
     assert data["results"][3] == {
         "id": "rec-3",
         "turn": 0,
@@ -165,7 +172,7 @@ def test_groups_without_questions_are_left_out_and_unknown_families_are_other() 
     )
     assert list(report.by_group()) == ["count", "word", "other"]
     assert report.by_group()["other"].accuracy == 1.0
-    assert report.table().splitlines()[-1].split() == ["overall", "2", "3", "66.7%"]
+    assert report.table().splitlines()[-1].split()[:4] == ["overall", "2", "3", "66.7%"]
     assert EvalReport().overall().accuracy == 0.0
     # No family given for a turn, or "" (data_blend's "unknown"): family "unknown".
     records = [dict(make_record(0), families=[]), dict(make_record(1), families=[""])]
@@ -220,3 +227,55 @@ def test_batched_engine_eval_and_the_cli_give_the_reference_answers(
     saved = json.loads(out.read_text())
     assert [r["prediction"] for r in saved["results"]] == [r.prediction for r in one.results]
     assert cli_main(["eval", str(tmp_path / "missing"), "--data", str(folder)]) == 2
+    # A paired comparison against the saved report: the same answers, nothing changed.
+    capsys.readouterr()
+    assert cli_main([*args, "--compare-to", str(out)]) == 0
+    assert f"on {len(one.results)} shared questions: 0 now right" in capsys.readouterr().out
+    # A report that is not one fails at once, before any question is asked.
+    (tmp_path / "bad.json").write_text('{"overall": 1}')
+    assert cli_main([*args, "--compare-to", str(tmp_path / "bad.json")]) == 2
+    assert "no 'results' list" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("correct", "total", "low", "high"),
+    # Wilson score intervals at 95%: the published values for 0, 5 and 10 of 10 (0/10 as in
+    # Newcombe 1998, Table I), and 358 of 400 (v10's result) as a regression value.
+    [
+        (0, 10, 0.0, 0.2775),
+        (10, 10, 0.7225, 1.0),
+        (5, 10, 0.2366, 0.7634),
+        (358, 400, 0.8611, 0.9214),
+    ],
+)
+def test_wilson_interval(correct: int, total: int, low: float, high: float) -> None:
+    interval = Score(correct, total).interval()
+    assert interval == pytest.approx((low, high), abs=1e-4)
+    assert Score().interval() == (0.0, 1.0)
+
+
+def _report(outcomes: dict[str, bool]) -> dict:
+    results = [
+        TurnResult(key, 0, "count", "1" if right else "2", "1") for key, right in outcomes.items()
+    ]
+    return EvalReport(results).to_dict()
+
+
+def test_paired_comparison_counts_the_discordant_questions_and_tests_them_exactly() -> None:
+    old = _report({"a": True, "b": False, "c": False, "d": True, "e": False, "gone": True})
+    new = _report({"a": True, "b": True, "c": True, "d": False, "e": False, "extra": True})
+    comparison = compare_reports(new, old)
+    # Shared: a..e. b and c are new wins, d an old win; p = 2 * P(X <= 1), X ~ Bin(3, 1/2).
+    assert (comparison.num_shared, comparison.new_only, comparison.old_only) == (5, 2, 1)
+    assert comparison.p_value == pytest.approx(1.0)
+    five_wins = _report({str(i): True for i in range(5)})
+    five_losses = _report({str(i): False for i in range(5)})
+    assert compare_reports(five_wins, five_losses).p_value == pytest.approx(2 / 32)
+    nine_to_one = compare_reports(
+        _report({str(i): i > 0 for i in range(10)}), _report({str(i): i == 0 for i in range(10)})
+    )
+    assert (nine_to_one.new_only, nine_to_one.old_only) == (9, 1)
+    assert nine_to_one.p_value == pytest.approx(2 * 11 / 1024)
+    assert "net +8" in nine_to_one.summary()
+    with pytest.raises(ValueError, match="share no question"):
+        compare_reports(_report({"x": True}), _report({"y": True}))
