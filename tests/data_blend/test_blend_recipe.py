@@ -21,10 +21,14 @@ RECIPES = Path(__file__).resolve().parents[2] / "data_blend" / "recipes"
 def test_shipped_recipes_load():
     train = BlendRecipe.from_yaml(RECIPES / "embedded_train.yaml")
     assert (train.max_group, train.max_images, train.max_length) == (3, 6, 1024)
-    # The embedded training recipe reads every conversation of its blend at most once.
+    # The shipped checkpoint, step 640 of the embedded recipe (README "The embedded default"),
+    # read every conversation of its blend at most once; the whole 800-step schedule, which does
+    # not fit the CPU budget, starts a second pass over the blend in its last 50 steps.
     trainer = TrainConfig.from_yaml(RECIPES.parents[1] / "training" / "recipes" / "embedded.yaml")
-    reads = sum(s.steps * s.batch_size * s.grad_accum for s in trainer.stages)
-    assert trainer.data.train == str(train.output) and reads <= train.num_samples
+    (stage,) = trainer.stages
+    per_step = stage.batch_size * stage.grad_accum
+    assert trainer.data.train == str(train.output)
+    assert 640 * per_step <= train.num_samples < stage.steps * per_step < 2 * train.num_samples
     assert [(s.name, s.type, s.split, s.num_samples, s.seed) for s in train.sources] == [
         ("synthetic_multi", "synthetic", "train", 100000, 1),
         ("synthetic_single", "synthetic", "train", 100000, 2),
