@@ -198,13 +198,21 @@ class PairedComparison:
         )
 
 
+def report_outcomes(report: Any) -> dict[tuple[str, int], bool]:
+    """(record id, turn) -> answered right, from an `EvalReport.to_dict()` result (e.g. a
+    `--json` file); ValueError when `report` is not one."""
+    results = report.get("results") if isinstance(report, Mapping) else None
+    if not isinstance(results, list):
+        raise ValueError("it has no 'results' list")
+    try:
+        return {(str(r["id"]), int(r["turn"])): bool(r["correct"]) for r in results}
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"a result lacks a valid id, turn or correct ({error!r})") from None
+
+
 def compare_reports(new: Mapping[str, Any], old: Mapping[str, Any]) -> PairedComparison:
     """Paired comparison of two `EvalReport.to_dict()` results (e.g. two `--json` files)."""
-
-    def outcomes(report: Mapping[str, Any]) -> dict[tuple[str, int], bool]:
-        return {(r["id"], int(r["turn"])): bool(r["correct"]) for r in report["results"]}
-
-    new_outcomes, old_outcomes = outcomes(new), outcomes(old)
+    new_outcomes, old_outcomes = report_outcomes(new), report_outcomes(old)
     shared = new_outcomes.keys() & old_outcomes.keys()
     if not shared:
         raise ValueError("the two reports share no question (record id and turn)")

@@ -505,7 +505,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from training.evaluate import compare_reports, evaluate_checkpoint
+    from training.evaluate import compare_reports, evaluate_checkpoint, report_outcomes
     from visualchat.atomic import atomic_write_text
 
     model = None if args.model == "embedded" else args.model
@@ -517,8 +517,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         try:
             with open(args.compare_to, encoding="utf-8") as f:
                 old = json.load(f)
-            if not isinstance(old, dict) or not isinstance(old.get("results"), list):
-                raise ValueError("it has no 'results' list")
+            report_outcomes(old)
         except (OSError, ValueError) as error:
             print(
                 f"error: cannot read {args.compare_to} as an eval report: {error}", file=sys.stderr
@@ -539,8 +538,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"({len(report.results)} questions in {time.perf_counter() - started:.0f} s)")
     if args.json:
         atomic_write_text(args.json, report.to_json() + "\n")
-    if args.compare_to:
-        print(compare_reports(report.to_dict(), old).summary())
+    if old is not None:
+        try:
+            print(compare_reports(report.to_dict(), old).summary())
+        except ValueError as error:  # no question in common: the report above still stands
+            print(f"error: cannot compare with {args.compare_to}: {error}", file=sys.stderr)
+            return 2
     return 0
 
 

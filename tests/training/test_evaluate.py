@@ -232,9 +232,20 @@ def test_batched_engine_eval_and_the_cli_give_the_reference_answers(
     assert cli_main([*args, "--compare-to", str(out)]) == 0
     assert f"on {len(one.results)} shared questions: 0 now right" in capsys.readouterr().out
     # A report that is not one fails at once, before any question is asked.
-    (tmp_path / "bad.json").write_text('{"overall": 1}')
-    assert cli_main([*args, "--compare-to", str(tmp_path / "bad.json")]) == 2
-    assert "no 'results' list" in capsys.readouterr().err
+    for text, message in (
+        ('{"overall": 1}', "no 'results' list"),
+        ('{"results": [{"id": "rec-0"}]}', "lacks a valid id, turn or correct"),
+    ):
+        (tmp_path / "bad.json").write_text(text)
+        assert cli_main([*args, "--compare-to", str(tmp_path / "bad.json")]) == 2
+        captured = capsys.readouterr()
+        assert message in captured.err and "overall" not in captured.out  # nothing evaluated
+    # A report of other questions: the evaluation is printed, the comparison refused.
+    other = {"results": [{"id": "elsewhere", "turn": 0, "correct": True}]}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert cli_main([*args, "--compare-to", str(tmp_path / "other.json")]) == 2
+    captured = capsys.readouterr()
+    assert "overall" in captured.out and "share no question" in captured.err
 
 
 @pytest.mark.parametrize(
