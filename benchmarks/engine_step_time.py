@@ -2,9 +2,10 @@
 
 Continuous batching beats a static batch only as far as a step with fewer live sequences is
 cheaper; this measures that curve on the embedded default (median of timed decode steps after
-the prompts are in), with the engine's split linear layers on and off, and the
-language-model head's matrix-vector product four ways, since on a CPU that single 49152 x 576
-product is a large share of a one-sequence step.
+the prompts are in) with torch's own linear layers and with each of the engine's linear kernels
+(serving/engine/linear_kernels.py) and its start-up choice ("auto"), and the language-model
+head's matrix-vector product four ways, since on a CPU that single 49152 x 576 product is a
+large share of a one-sequence step.
 
     python benchmarks/engine_step_time.py [--batches 1,2,4,8,16] [--out results.json]
 """
@@ -20,6 +21,7 @@ import torch
 
 from serving.bench import workloads as wl
 from serving.engine import Engine, EngineConfig
+from serving.engine.linear_kernels import KERNELS
 from visualchat.atomic import atomic_write_json
 from visualchat.sampling import SamplingParams
 
@@ -78,25 +80,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     steps: dict[str, dict[int, float]] = {}
-    for split in (False, True):
-        engine = Engine.from_pretrained(config=EngineConfig(split_linear=split))
+    variants = {"torch_layers": None, **{k: k for k in (*KERNELS, "auto")}}
+    auto_choice, auto_seconds = {}, {}
+    for name, kernels in variants.items():
+        engine = Engine.from_pretrained(config=EngineConfig(linear_kernels=kernels))
         inputs = [engine.process(c) for c in wl.image_chats(max(batches), 0)]
-        name = "split_linear" if split else "torch_linear"
         steps[name] = {b: decode_step_seconds(engine, inputs, b, args.steps) for b in batches}
+        if kernels == "auto":
+            linears = engine.runner.linears
+            auto_choice = {str(r): k for r, k in linears.choice.by_rows.items()}
+            auto_seconds = {str(r): by for r, by in linears.seconds.items()}
         engine.close()  # hands the model back: its own layers and weight storages
     head = head_product_seconds(engine.model.language_model.get_output_embeddings().weight.data)
-    print(
-        "running sequences | decode step, torch linear (ms) | split linear (ms) | ms per sequence"
-    )
+    print("decode step (ms) by running sequences")
+    print(f"{'sequences':>9} | " + " | ".join(f"{name:>12}" for name in steps))
     for b in batches:
-        plain, split_s = steps["torch_linear"][b], steps["split_linear"][b]
-        print(f"{b:17d} | {1e3 * plain:30.1f} | {1e3 * split_s:17.1f} | {1e3 * split_s / b:15.1f}")
+        print(f"{b:9d} | " + " | ".join(f"{1e3 * steps[n][b]:12.1f}" for n in steps))
+    print(f"auto's choice by pass rows: {auto_choice}")
     print("LM head, one token: " + ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in head.items()))
     if args.out is not None:
         atomic_write_json(
             args.out,
             {
                 "threads": torch.get_num_threads(),
+                "auto_choice": auto_choice,
+                "auto_pass_seconds": auto_seconds,
                 "decode_step_s": {
                     name: {str(b): s for b, s in curve.items()} for name, curve in steps.items()
                 },

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from serving.engine.kv_cache import BlockManager
+from serving.engine.linear_kernels import EngineLinears
 from serving.engine.paged_attention import (
     PAGED_ATTENTION,
     PagedBatch,
@@ -16,7 +17,6 @@ from serving.engine.paged_attention import (
 )
 from serving.engine.request import Request
 from serving.engine.scheduler import ScheduledChunk
-from serving.engine.split_linear import SplitLinears
 from visualchat.model.modeling import VisualChatModel
 
 logger = logging.getLogger(__name__)
@@ -24,7 +24,10 @@ logger = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(
-        self, model: VisualChatModel, blocks: BlockManager, split_linear: bool = True
+        self,
+        model: VisualChatModel,
+        blocks: BlockManager,
+        linear_kernels: str | None = "auto",
     ) -> None:
         self.model = model
         self.blocks = blocks
@@ -54,21 +57,20 @@ class ModelRunner:
         self.model_attention = model.config.attention
         register_paged_attention()
         model.language_model.set_attn_implementation(PAGED_ATTENTION)
-        # On a multi-core CPU, small-batch passes read the weights on every core (see
-        # split_linear); release gives the layers their own forwards back too.
-        threads = torch.get_num_threads()
-        self.split = (
-            SplitLinears(model.language_model, threads)
-            if split_linear and model.device.type == "cpu" and threads > 1
+        # On CPU the linear layers run the kernels fastest on this machine for each pass size
+        # (see linear_kernels); release gives the layers their own forwards back too.
+        self.linears = (
+            EngineLinears(model.language_model, torch.get_num_threads(), linear_kernels)
+            if linear_kernels is not None and model.device.type == "cpu"
             else None
         )
 
     def release(self) -> None:
         """Restore the model's own attention; the runner must not execute afterwards."""
         self.model.set_attention(self.model_attention)
-        if self.split is not None:
-            self.split.release()
-            self.split = None
+        if self.linears is not None:
+            self.linears.release()
+            self.linears = None
 
     def ensure_image_features(self, request: Request, encode) -> None:
         if request.image_features is None and request.inputs.num_images:

@@ -1,0 +1,307 @@
+"""The engine's float32 linear layers on CPU: for each pass size, the fastest of three kernels
+on this machine, chosen by timing them at start-up.
+
+Why. A pass multiplies a handful of rows (decode) to a few hundred (prompt chunks) by every
+weight matrix, and on CPU how fast that runs depends on the machine, not only on the sizes:
+
+- "linear": torch's own `linear`. On one development host its one-row product (MKL's gemv) read
+  the weights on one thread, ~12 GB/s against ~36 GB/s for two; on another it reads at the
+  host's full ~20 GB/s. With 2-64 rows MKL packs the weight into its panel layout on every call,
+  an extra pass over the weights that costs more than the arithmetic.
+- "rows": each weight viewed, as it is, as one block of output rows per thread, multiplied as
+  one `bmm`: 36-42 GB/s with one row on the first host, but ~8 GB/s on the second.
+- "packed": MKL's packed sgemm. The weight is packed into MKL's panel layout once, at start-up
+  (as inductor's weight freezing does on CPU), so no call re-packs it: on the second host a pass
+  over the embedded model's layers takes 43 ms with 16 rows against 76 ms through `linear`, and
+  the same with one row. It costs a packed copy of every weight while the engine holds them.
+
+How. While the engine holds the model, every float32 `nn.Linear` of the backbone runs its forward
+here. Siblings that read the same input (q/k/v, gate/up) get their weights stacked in one storage,
+each weight a contiguous row range of it, so each group is one product. `choose_kernels` times
+one pass over all of them per kernel at a few pass sizes (the median of a few passes) and each
+pass size then uses the kernel that was fastest at the nearest timed size. `release` gives every
+layer its own forward and every stacked weight its own storage back.
+
+The sums are the same dot products in other kernels, so results can differ from `linear` in the
+last bits; the engine's greedy output still equals the reference decoder's in the tests and the
+benchmark, which check it for every kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+KERNELS = ("linear", "rows", "packed")
+# Pass sizes timed at start-up: a one-stream decode, a decode batch, a prompt chunk.
+TIMED_ROWS = (1, 8, 64)
+
+# Sibling layers that read the same input one after another in the usual decoder blocks
+# (transformers' Llama, Mistral, Qwen2, ...): their weights are stacked in one storage and read by
+# one product, so a decode pass makes 4 products per layer instead of 7 (fewer, larger reads).
+FUSED_SIBLINGS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("gate_proj", "up_proj"),
+)
+
+
+def packed_kernel_available() -> bool:
+    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """Which kernel runs a pass of a given number of rows: the one picked at the timed size
+    nearest to it on a log scale (1 row is a decode of one stream; 8 a decode batch; ...)."""
+
+    by_rows: dict[int, str]  # timed pass size -> kernel
+
+    def __post_init__(self) -> None:
+        unknown = set(self.by_rows.values()) - set(KERNELS)
+        if not self.by_rows or unknown:
+            raise ValueError(f"a kernel choice needs sizes and kernels of {KERNELS}")
+
+    @classmethod
+    def always(cls, kernel: str) -> KernelChoice:
+        return cls({1: kernel})
+
+    @classmethod
+    def fastest(cls, seconds: dict[int, dict[str, float]]) -> KernelChoice:
+        """From timings {rows: {kernel: seconds per pass}}: the fastest kernel per size."""
+        return cls({rows: min(by_kernel, key=by_kernel.get) for rows, by_kernel in seconds.items()})
+
+    def kernel_for(self, rows: int) -> str:
+        nearest = min(self.by_rows, key=lambda timed: abs(math.log(timed) - math.log(max(rows, 1))))
+        return self.by_rows[nearest]
+
+    @property
+    def kernels(self) -> set[str]:
+        return set(self.by_rows.values())
+
+
+class _Product:
+    """One weight product of the backbone: a layer's own weight, or the stacked weights of
+    siblings (row ranges of one (sum of outs, in) storage). The first call on an input computes
+    every member's output; each member then takes its own. A member called on another input (or
+    twice on the same one) recomputes, so the result never depends on the call order."""
+
+    def __init__(self, layers: list[nn.Linear], parts: int) -> None:
+        self.layers = layers
+        self.stacked = len(layers) > 1
+        if self.stacked:
+            storage = torch.cat([layer.weight.data for layer in layers])  # (sum of outs, in)
+            start = 0
+            for layer in layers:
+                layer.weight.data = storage[start : start + layer.out_features]  # contiguous rows
+                start += layer.out_features
+        else:
+            storage = layers[0].weight.data
+        self.weight = storage  # (out, in)
+        self.bounds: list[tuple[int, int]] = []
+        for layer in layers:
+            start = self.bounds[-1][1] if self.bounds else 0
+            self.bounds.append((start, start + layer.out_features))
+        # "rows": (parts, out / parts, in), block p is output rows p*out/parts.. of the weight
+        out_features = storage.shape[0]
+        self.blocks = (
+            storage.view(parts, -1, storage.shape[1]) if out_features % parts == 0 else None
+        )
+        self.packed: torch.Tensor | None = None  # "packed": MKL's layout, built by `prepare`
+        self.input: torch.Tensor | None = None
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    def prepare(self, kernels: set[str]) -> None:
+        if "packed" in kernels and self.packed is None:
+            # The packed layout does not depend on the number of rows (the size argument is
+            # only a hint), so one packing serves every pass size.
+            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, 1)
+        elif "packed" not in kernels:
+            self.packed = None
+
+    def multiply(self, rows: torch.Tensor, kernel: str) -> torch.Tensor:
+        """(m, in) @ weight.T -> (m, out), by `kernel` when this product supports it."""
+        if rows.shape[0] == 0:  # e.g. the head of a pass that samples nothing
+            return rows.new_empty(0, self.weight.shape[0])
+        if kernel == "packed" and self.packed is not None:
+            # The last argument names the row count the weight was packed for; saying it is
+            # this pass's makes MKL use the packed weight for any count (else it falls back to
+            # `linear` on the unpacked one).
+            return torch.ops.mkl._mkl_linear(rows, self.packed, self.weight, None, rows.shape[0])
+        if kernel == "rows" and self.blocks is not None:
+            columns = rows.t().unsqueeze(0).expand(self.blocks.shape[0], -1, -1)  # (parts, in, m)
+            out = torch.bmm(self.blocks, columns)  # (parts, out / parts, m)
+            return out.permute(2, 0, 1).reshape(rows.shape[0], self.weight.shape[0])  # (m, out)
+        return torch.nn.functional.linear(rows, self.weight)
+
+    def output(self, layer: nn.Linear, x: torch.Tensor, choice: KernelChoice) -> torch.Tensor:
+        if self.input is not x or id(layer) not in self.outputs:
+            rows = x.reshape(-1, x.shape[-1]).contiguous()  # (m, in)
+            full = self.multiply(rows, choice.kernel_for(rows.shape[0]))  # (m, sum of outs)
+            self.outputs = {}
+            for member, (start, end) in zip(self.layers, self.bounds, strict=True):
+                out = full[:, start:end] if self.stacked else full
+                out = out.reshape(*x.shape[:-1], end - start)
+                if self.stacked:
+                    out = out.contiguous()
+                self.outputs[id(member)] = out if member.bias is None else out + member.bias
+            self.input = x
+        out = self.outputs.pop(id(layer))
+        if not self.outputs:
+            self.input = None  # everyone has theirs: hold no activations between passes
+        return out
+
+
+def _engine_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return self.engine_product.output(self, x, self.engine_linears.choice)
+
+
+class EngineLinears:
+    """Switch a module's float32 `nn.Linear` layers to the engine's kernels until `release`.
+
+    `kernels`: "auto" (time them here, see `choose_kernels`) or one of KERNELS for every size.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        parts: int,
+        kernels: str = "auto",
+        fuse: Sequence[Sequence[str]] = FUSED_SIBLINGS,
+    ) -> None:
+        if parts < 1:
+            raise ValueError(f"need at least 1 part, got {parts}")
+        if kernels not in ("auto", *KERNELS):
+            raise ValueError(f"kernels must be 'auto' or one of {KERNELS}, got {kernels!r}")
+        if kernels == "packed" and not packed_kernel_available():
+            raise ValueError("the packed kernel needs torch built with MKL")
+        self.parts = parts
+        self.products: list[_Product] = []
+        self.layers: list[nn.Linear] = []
+        with torch.no_grad():
+            grouped = self._stack_siblings(module, fuse)
+            for layer in module.modules():
+                if self._eligible(layer) and id(layer) not in grouped:
+                    self._install(_Product([layer], parts))
+        self.num_stacked = sum(p.stacked for p in self.products)
+        if kernels == "auto":
+            self.choice, self.seconds = choose_kernels(self.products)
+        else:
+            self.choice, self.seconds = KernelChoice.always(kernels), {}
+            self._prepare()
+        logger.info(
+            "%d linear layers in %d products (%d sibling groups stacked); kernels by pass rows: %s",
+            len(self.layers),
+            len(self.products),
+            self.num_stacked,
+            self.choice.by_rows,
+        )
+
+    def _prepare(self) -> None:
+        with torch.no_grad():
+            for product in self.products:
+                product.prepare(self.choice.kernels)
+
+    def use(self, choice: KernelChoice) -> None:
+        self.choice = choice
+        self._prepare()
+
+    def _install(self, product: _Product) -> None:
+        self.products.append(product)
+        for layer in product.layers:
+            layer.engine_product = product
+            layer.engine_linears = self
+            layer.forward = types.MethodType(_engine_forward, layer)
+            self.layers.append(layer)
+
+    def _stack_siblings(self, module: nn.Module, fuse: Sequence[Sequence[str]]) -> set[int]:
+        grouped: set[int] = set()
+        for parent in module.modules():
+            for names in fuse:
+                layers = [getattr(parent, name, None) for name in names]
+                if (
+                    not all(self._eligible(layer) for layer in layers)
+                    or len({layer.in_features for layer in layers}) != 1
+                    or len({id(layer.weight) for layer in layers}) != len(layers)
+                ):
+                    continue
+                self._install(_Product(layers, self.parts))
+                grouped.update(id(layer) for layer in layers)
+        return grouped
+
+    @staticmethod
+    def _eligible(layer: nn.Module | None) -> bool:
+        # Exactly nn.Linear: quantized and adapter layers are subclasses or other classes with
+        # their own kernels. float32 only: bf16/fp16 matmuls go to oneDNN, which threads already.
+        return (
+            type(layer) is nn.Linear
+            and layer.weight.dtype == torch.float32
+            and layer.weight.device.type == "cpu"
+            and layer.weight.is_contiguous()
+        )
+
+    def release(self) -> None:
+        """Give every layer its own forward and every stacked weight its own storage back."""
+        with torch.no_grad():
+            for product in self.products:
+                for layer in product.layers:
+                    del layer.forward, layer.engine_product, layer.engine_linears
+                    if product.stacked:
+                        layer.weight.data = layer.weight.data.clone()  # savable on its own again
+                product.packed = product.blocks = None
+        self.products, self.layers = [], []
+
+
+def time_pass(products: Sequence[_Product], kernel: str, rows: int) -> float:
+    """Seconds of one pass of `rows` rows through every product, by `kernel`."""
+    inputs = {p.in_features: torch.randn(rows, p.in_features) for p in products}
+    started = time.perf_counter()
+    for product in products:
+        product.multiply(inputs[product.in_features], kernel)
+    return time.perf_counter() - started
+
+
+def choose_kernels(
+    products: Sequence[_Product],
+    sizes: Sequence[int] = TIMED_ROWS,
+    rounds: int = 5,
+    timer: Callable[[Sequence[_Product], str, int], float] = time_pass,
+) -> tuple[KernelChoice, dict[int, dict[str, float]]]:
+    """Time every kernel at every pass size over all products (every weight is read, as in a
+    real pass, so the timing sees memory, not a cached matrix) and keep the fastest per size.
+    The kernels take turns, one pass each per round, so a slow moment of a shared machine falls
+    on all of them; each gets the median of its rounds, after one untimed warm-up pass."""
+    kernels = [k for k in KERNELS if k != "packed" or packed_kernel_available()]
+    with torch.no_grad():
+        for product in products:
+            product.prepare(set(kernels))
+        seconds: dict[int, dict[str, float]] = {}
+        for rows in sizes:
+            passes: dict[str, list[float]] = {k: [] for k in kernels}
+            for round_ in range(rounds + 1):
+                for kernel in kernels:
+                    elapsed = timer(products, kernel, rows)
+                    if round_:
+                        passes[kernel].append(elapsed)
+            seconds[rows] = {k: statistics.median(times) for k, times in passes.items()}
+        choice = KernelChoice.fastest(seconds)
+        for product in products:
+            product.prepare(choice.kernels)  # drop packed copies nobody will read
+    logger.info(
+        "linear kernels timed (ms per pass): %s",
+        {r: {k: round(1e3 * s, 1) for k, s in by.items()} for r, by in seconds.items()},
+    )
+    return choice, seconds
