@@ -352,6 +352,12 @@ def run_serving_bench(cfg: BenchConfig, parts: tuple[str, ...] | None = None) ->
     results: dict[str, Any] = {"config": cfg.__dict__, "threads": torch.get_num_threads()}
     engine = Engine(copy.deepcopy(model), tokenizer, EngineConfig())
     results["engine_budget"] = engine.budget
+    if engine.runner.linears is not None:  # the linear kernels it timed and chose on this machine
+        linears = engine.runner.linears
+        results["linear_kernels"] = {
+            "by_rows": {str(rows): kernel for rows, kernel in linears.choice.by_rows.items()},
+            "pass_seconds": {str(rows): by for rows, by in linears.seconds.items()},
+        }
     if "batching" in parts:
         throughput_engine = None
         if cfg.batching_budget is not None:

@@ -68,6 +68,8 @@ def test_every_part_runs_and_the_engine_matches_the_reference(tiny_config: Bench
         assert batching["throughput_budget"]["engine_vs_hf_static"] == pytest.approx(
             batching["throughput_budget"]["engine_tok_s"] / batching["hf_static_tok_s"]
         )
+    kernels = results["linear_kernels"]  # what the engine timed and chose on this machine
+    assert set(kernels["by_rows"]) == set(kernels["pass_seconds"]) == {"1", "8", "64"}
     single = results["single_stream"]
     assert single["bandwidth_bound_tok_s"] > 0 and len(single["rounds"]) == 2
     # Each round pairs a bandwidth with the decode rate right after it; the median is quoted.

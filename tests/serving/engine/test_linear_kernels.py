@@ -149,7 +149,7 @@ def test_each_pass_size_uses_the_kernel_fastest_at_the_nearest_timed_size() -> N
 
 
 def test_linear_stays_unless_another_kernel_is_clearly_faster() -> None:
-    timings = {1: {"linear": 1.0, "rows": 0.95, "packed": 0.91}, 8: {"linear": 1.0, "rows": 0.89}}
+    timings = {1: {"linear": 1.0, "rows": 0.95, "packed": 0.81}, 8: {"linear": 1.0, "rows": 0.79}}
     assert KernelChoice.fastest(timings).by_rows == {1: "linear", 8: "rows"}
     assert KernelChoice.fastest(timings, margin=0.0).by_rows == {1: "packed", 8: "rows"}
 
