@@ -36,7 +36,7 @@ import statistics
 import time
 import types
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -70,6 +70,8 @@ class KernelChoice:
     nearest to it on a log scale (1 row is a decode of one stream; 8 a decode batch; ...)."""
 
     by_rows: dict[int, str]  # timed pass size -> kernel
+    # rows -> kernel, filled as passes come (every layer of a pass asks; the logs cost more)
+    _known: dict[int, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         unknown = set(self.by_rows.values()) - set(KERNELS)
@@ -97,8 +99,11 @@ class KernelChoice:
         return cls(by_rows)
 
     def kernel_for(self, rows: int) -> str:
-        nearest = min(self.by_rows, key=lambda timed: abs(math.log(timed) - math.log(max(rows, 1))))
-        return self.by_rows[nearest]
+        kernel = self._known.get(rows)
+        if kernel is None:
+            distance = lambda timed: abs(math.log(timed) - math.log(max(rows, 1)))  # noqa: E731
+            kernel = self._known[rows] = self.by_rows[min(self.by_rows, key=distance)]
+        return kernel
 
     @property
     def kernels(self) -> set[str]:
@@ -164,15 +169,17 @@ class _Product:
         return torch.nn.functional.linear(rows, self.weight)
 
     def output(self, layer: nn.Linear, x: torch.Tensor, choice: KernelChoice) -> torch.Tensor:
+        if not self.stacked:  # a layer of its own: nothing to share, so nothing to keep
+            rows = x.reshape(-1, x.shape[-1]).contiguous()  # (m, in)
+            out = self.multiply(rows, choice.kernel_for(rows.shape[0]))  # (m, out)
+            out = out.view(*x.shape[:-1], out.shape[-1])
+            return out if layer.bias is None else out + layer.bias
         if self.input is not x or id(layer) not in self.outputs:
             rows = x.reshape(-1, x.shape[-1]).contiguous()  # (m, in)
             full = self.multiply(rows, choice.kernel_for(rows.shape[0]))  # (m, sum of outs)
             self.outputs = {}
             for member, (start, end) in zip(self.layers, self.bounds, strict=True):
-                out = full[:, start:end] if self.stacked else full
-                out = out.reshape(*x.shape[:-1], end - start)
-                if self.stacked:
-                    out = out.contiguous()
+                out = full[:, start:end].reshape(*x.shape[:-1], end - start).contiguous()
                 self.outputs[id(member)] = out if member.bias is None else out + member.bias
             self.input = x
         out = self.outputs.pop(id(layer))
