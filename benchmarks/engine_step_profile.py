@@ -1,6 +1,6 @@
 """Where does a decode step of the engine go? torch's profiler over timed decode steps of the
 embedded default with N running sequences: the ops by self time, and the share of the linear
-layers' products (torch's `linear`/`mm` or MKL's packed `_mkl_linear`, whichever kernels the
+layers' products (`mm` through torch's `linear`, `bmm` through row blocks, whichever kernels the
 engine chose on this machine).
 
     python benchmarks/engine_step_profile.py [--sequences 1] [--steps 20] [--out results.json]
@@ -20,7 +20,7 @@ from serving.engine import Engine, EngineConfig
 from visualchat.atomic import atomic_write_json
 from visualchat.sampling import SamplingParams
 
-LINEAR_OPS = ("aten::mm", "aten::addmm", "aten::linear", "aten::bmm", "mkl::_mkl_linear")
+LINEAR_OPS = ("aten::mm", "aten::addmm", "aten::linear", "aten::bmm")
 
 
 def main(argv: list[str] | None = None) -> int:

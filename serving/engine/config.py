@@ -22,9 +22,9 @@ class EngineConfig:
     max_num_seqs: int = 64  # running sequences at most (decode batch size)
     image_cache_entries: int = 256  # distinct images whose features are kept
     # CPU only: the backbone's float32 linear layers run the engine's kernels
-    # (serving/engine/linear_kernels.py): "auto" times them at start-up and takes the fastest
-    # for each pass size; "linear", "rows" or "packed" uses one for every size; None leaves
-    # torch's own layers alone.
+    # (serving/engine/linear_kernels.py): "auto" times them at start-up and takes the faster
+    # for each pass size; "linear" or "rows" uses one for every size; None leaves torch's own
+    # layers alone.
     linear_kernels: str | None = "auto"
 
     def __post_init__(self) -> None:
@@ -42,10 +42,9 @@ class EngineConfig:
             raise ValueError("need 0 < min_budget <= max_budget")
         if self.probe_context < 0:
             raise ValueError(f"probe_context must be non-negative, got {self.probe_context}")
-        if self.linear_kernels not in (None, "auto", "linear", "rows", "packed"):
+        if self.linear_kernels not in (None, "auto", "linear", "rows"):
             raise ValueError(
-                "linear_kernels must be None, 'auto', 'linear', 'rows' or 'packed', "
-                f"got {self.linear_kernels!r}"
+                f"linear_kernels must be None, 'auto', 'linear' or 'rows', got {self.linear_kernels!r}"
             )
         if self.target_step_ms <= 0:
             raise ValueError(f"target_step_ms must be positive, got {self.target_step_ms}")

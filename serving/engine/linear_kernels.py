@@ -1,27 +1,27 @@
-"""The engine's float32 linear layers on CPU: for each pass size, the fastest of three kernels
-on this machine, chosen by timing them at start-up.
+"""The engine's float32 linear layers on CPU: for each pass size, the faster of two kernels on
+this machine, chosen by timing them at start-up.
 
 Why. A pass multiplies a handful of rows (decode) to a few hundred (prompt chunks) by every
 weight matrix, and on CPU how fast that runs depends on the machine, not only on the sizes:
 
-- "linear": torch's own `linear`. On one development host its one-row product (MKL's gemv) read
-  the weights on one thread, ~12 GB/s against ~36 GB/s for two; on another it reads at the
-  host's full ~20 GB/s. With 2-64 rows MKL packs the weight into its panel layout on every call,
-  an extra pass over the weights that costs more than the arithmetic.
+- "linear": torch's own `linear`. On one development host (A) its one-row product (MKL's gemv)
+  read the weights on one thread, ~12 GB/s against ~36 GB/s for two; on another (B) it reads at
+  that host's full ~20 GB/s.
 - "rows": each weight viewed, as it is, as one block of output rows per thread, multiplied as
-  one `bmm`: 36-42 GB/s with one row on the first host, but ~8 GB/s on the second.
-- "packed": MKL's packed sgemm. The weight is packed into MKL's panel layout once, at start-up
-  (as inductor's weight freezing does on CPU), so no call re-packs it: on the second host a pass
-  over the embedded model's layers takes 43 ms with 16 rows against 76 ms through `linear`, and
-  the same with one row. It costs a packed copy of every weight while the engine holds them.
+  one `bmm`: 36-42 GB/s with one row on host A, but ~8 GB/s on host B.
+
+A third kernel was tried and dropped: MKL's packed sgemm (the weight packed once at start-up, as
+inductor's weight freezing does), 2x faster than `linear` with 16 rows over a synthetic set of
+layers, but no faster over the embedded model's own weights on host B, while it cost a packed
+copy of every weight.
 
 How. While the engine holds the model, every float32 `nn.Linear` of the backbone runs its forward
 here. Siblings that read the same input (q/k/v, gate/up) get their weights stacked in one storage,
 each weight a contiguous row range of it, so each group is one product. `choose_kernels` times
 one pass over all of them per kernel at a few pass sizes (the median of a few passes) and each
 pass size then uses the kernel that was fastest at the nearest timed size, `linear` unless
-another beats it by more than 20%. `release` gives every
-layer its own forward and every stacked weight its own storage back.
+"rows" beats it by more than 20%. `release` gives every layer its own forward and every stacked
+weight its own storage back.
 
 The sums are the same dot products in other kernels, so results can differ from `linear` in the
 last bits; the engine's greedy output still equals the reference decoder's in the tests and the
@@ -43,7 +43,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-KERNELS = ("linear", "rows", "packed")
+KERNELS = ("linear", "rows")
 # Pass sizes timed at start-up: a one-stream decode, a decode batch, a prompt chunk.
 TIMED_ROWS = (1, 8, 64)
 # Another kernel replaces torch's `linear` only when it is this much faster (a fraction of
@@ -58,10 +58,6 @@ FUSED_SIBLINGS: tuple[tuple[str, ...], ...] = (
     ("q_proj", "k_proj", "v_proj"),
     ("gate_proj", "up_proj"),
 )
-
-
-def packed_kernel_available() -> bool:
-    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
 @dataclass(frozen=True)
@@ -88,8 +84,7 @@ class KernelChoice:
     ) -> KernelChoice:
         """From timings {rows: {kernel: seconds per pass}}: the fastest kernel per size, but
         torch's `linear` unless another is faster by more than `margin` (a fraction of
-        linear's time): a near tie on a noisy machine is no reason to leave torch's own kernel
-        (or to keep a packed copy of every weight)."""
+        linear's time): a near tie on a noisy machine is no reason to leave torch's own kernel."""
         by_rows = {}
         for rows, by_kernel in seconds.items():
             best = min(by_kernel, key=by_kernel.get)
@@ -137,7 +132,6 @@ class _Product:
         self.blocks = (
             storage.view(parts, -1, storage.shape[1]) if out_features % parts == 0 else None
         )
-        self.packed: torch.Tensor | None = None  # "packed": MKL's layout, built by `prepare`
         self.input: torch.Tensor | None = None
         self.outputs: dict[int, torch.Tensor] = {}
 
@@ -145,23 +139,10 @@ class _Product:
     def in_features(self) -> int:
         return self.weight.shape[1]
 
-    def prepare(self, kernels: set[str]) -> None:
-        if "packed" in kernels and self.packed is None:
-            # The packed layout does not depend on the number of rows (the size argument is
-            # only a hint), so one packing serves every pass size.
-            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, 1)
-        elif "packed" not in kernels:
-            self.packed = None
-
     def multiply(self, rows: torch.Tensor, kernel: str) -> torch.Tensor:
         """(m, in) @ weight.T -> (m, out), by `kernel` when this product supports it."""
         if rows.shape[0] == 0:  # e.g. the head of a pass that samples nothing
             return rows.new_empty(0, self.weight.shape[0])
-        if kernel == "packed" and self.packed is not None:
-            # The last argument names the row count the weight was packed for; saying it is
-            # this pass's makes MKL use the packed weight for any count (else it falls back to
-            # `linear` on the unpacked one).
-            return torch.ops.mkl._mkl_linear(rows, self.packed, self.weight, None, rows.shape[0])
         if kernel == "rows" and self.blocks is not None:
             columns = rows.t().unsqueeze(0).expand(self.blocks.shape[0], -1, -1)  # (parts, in, m)
             out = torch.bmm(self.blocks, columns)  # (parts, out / parts, m)
@@ -209,8 +190,6 @@ class EngineLinears:
             raise ValueError(f"need at least 1 part, got {parts}")
         if kernels not in ("auto", *KERNELS):
             raise ValueError(f"kernels must be 'auto' or one of {KERNELS}, got {kernels!r}")
-        if kernels == "packed" and not packed_kernel_available():
-            raise ValueError("the packed kernel needs torch built with MKL")
         self.parts = parts
         self.products: list[_Product] = []
         self.layers: list[nn.Linear] = []
@@ -224,7 +203,6 @@ class EngineLinears:
             self.choice, self.seconds = choose_kernels(self.products)
         else:
             self.choice, self.seconds = KernelChoice.always(kernels), {}
-            self._prepare()
         logger.info(
             "%d linear layers in %d products (%d sibling groups stacked); kernels by pass rows: %s",
             len(self.layers),
@@ -232,15 +210,6 @@ class EngineLinears:
             self.num_stacked,
             self.choice.by_rows,
         )
-
-    def _prepare(self) -> None:
-        with torch.no_grad():
-            for product in self.products:
-                product.prepare(self.choice.kernels)
-
-    def use(self, choice: KernelChoice) -> None:
-        self.choice = choice
-        self._prepare()
 
     def _install(self, product: _Product) -> None:
         self.products.append(product)
@@ -284,7 +253,7 @@ class EngineLinears:
                     del layer.forward, layer.engine_product, layer.engine_linears
                     if product.stacked:
                         layer.weight.data = layer.weight.data.clone()  # savable on its own again
-                product.packed = product.blocks = None
+                product.blocks = None
         self.products, self.layers = [], []
 
 
@@ -307,22 +276,17 @@ def choose_kernels(
     real pass, so the timing sees memory, not a cached matrix) and keep the fastest per size.
     The kernels take turns, one pass each per round, so a slow moment of a shared machine falls
     on all of them; each gets the median of its rounds, after one untimed warm-up pass."""
-    kernels = [k for k in KERNELS if k != "packed" or packed_kernel_available()]
     with torch.no_grad():
-        for product in products:
-            product.prepare(set(kernels))
         seconds: dict[int, dict[str, float]] = {}
         for rows in sizes:
-            passes: dict[str, list[float]] = {k: [] for k in kernels}
+            passes: dict[str, list[float]] = {k: [] for k in KERNELS}
             for round_ in range(rounds + 1):
-                for kernel in kernels:
+                for kernel in KERNELS:
                     elapsed = timer(products, kernel, rows)
                     if round_:
                         passes[kernel].append(elapsed)
             seconds[rows] = {k: statistics.median(times) for k, times in passes.items()}
         choice = KernelChoice.fastest(seconds)
-        for product in products:
-            product.prepare(choice.kernels)  # drop packed copies nobody will read
     logger.info(
         "linear kernels timed (ms per pass): %s",
         {r: {k: round(1e3 * s, 1) for k, s in by.items()} for r, by in seconds.items()},

@@ -17,15 +17,8 @@ from serving.engine.linear_kernels import (
     KernelChoice,
     _Product,
     choose_kernels,
-    packed_kernel_available,
 )
 from visualchat.api import VisualChat
-
-needs_mkl = pytest.mark.skipif(not packed_kernel_available(), reason="torch built without MKL")
-# "packed" needs MKL, which the pinned CPU torch wheel has; elsewhere the test says so.
-KERNEL_PARAMS = [
-    pytest.param(k, marks=needs_mkl) if k == "packed" else pytest.param(k) for k in KERNELS
-]
 
 
 class TiedModel(nn.Module):
@@ -45,7 +38,7 @@ def _linear_outputs(model: TiedModel, x: torch.Tensor) -> list[torch.Tensor]:
     return [model.proj(x), model.head(x), model.odd(x)]
 
 
-@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("rows", [(1, 8), (3, 8), (2, 64, 8), (0, 8)])
 @pytest.mark.parametrize("parts", [2, 3])
 def test_every_kernel_computes_what_linear_computes(
@@ -66,11 +59,10 @@ def test_every_kernel_computes_what_linear_computes(
     if kernel == "rows":  # the blocks are views of the weight itself, nothing copied
         assert product.blocks.shape == (parts, 6 // parts, 8)
         assert product.blocks.data_ptr() == model.proj.weight.data_ptr()
-    assert (product.packed is not None) == (kernel == "packed")  # packed only when it is used
     assert model.odd.engine_product.blocks is None
 
 
-@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_the_chosen_kernel_is_the_one_that_runs(kernel: str, monkeypatch) -> None:
     model = TiedModel()
     EngineLinears(model, 2, kernels=kernel)
@@ -103,14 +95,13 @@ def test_weights_keep_their_storage_and_tied_embeddings_still_look_up_their_rows
     torch.testing.assert_close(model.embed(ids), expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_release_gives_back_the_forward_and_leaves_the_weights_as_they_were(kernel: str) -> None:
     torch.manual_seed(0)
     model = TiedModel()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     parameters = list(model.parameters())
     linears = EngineLinears(model, 2, kernels=kernel)
-    products = list(linears.products)
     linears.release()
     assert list(model.parameters()) == parameters  # the same Parameter objects
     for name, value in model.state_dict().items():
@@ -118,7 +109,6 @@ def test_release_gives_back_the_forward_and_leaves_the_weights_as_they_were(kern
         torch.testing.assert_close(value, before[name], rtol=0, atol=0)
     for layer in (model.proj, model.head, model.odd):
         assert not {"forward", "engine_product", "engine_linears"} & set(vars(layer))
-    assert all(p.packed is None for p in products)  # the packed copies are let go
 
 
 def test_bad_settings_are_refused() -> None:
@@ -135,47 +125,41 @@ def test_bad_settings_are_refused() -> None:
 def test_each_pass_size_uses_the_kernel_fastest_at_the_nearest_timed_size() -> None:
     choice = KernelChoice.fastest(
         {
-            1: {"linear": 2.0, "rows": 1.0, "packed": 1.5},
-            8: {"linear": 3.0, "rows": 2.5, "packed": 1.0},
-            64: {"linear": 4.0, "rows": 5.0, "packed": 6.0},
+            1: {"linear": 2.0, "rows": 1.0},
+            8: {"linear": 3.0, "rows": 4.0},
+            64: {"linear": 6.0, "rows": 4.0},
         }
     )
-    assert choice.by_rows == {1: "rows", 8: "packed", 64: "linear"}
+    assert choice.by_rows == {1: "rows", 8: "linear", 64: "rows"}
     # log scale: 2 is nearer 1 than 8; 3 nearer 8; 22 nearer 8 (log 22 - log 8 < log 64 - log 22)
-    assert [choice.kernel_for(n) for n in (1, 2, 3, 8, 22, 23, 64, 4096)] == [
-        "rows", "rows", "packed", "packed", "packed", "linear", "linear", "linear",
-    ]  # fmt: skip
-    assert choice.kernels == {"rows", "packed", "linear"}
+    for _ in range(2):  # the second time from what the first looked up
+        assert [choice.kernel_for(n) for n in (1, 2, 3, 8, 22, 23, 64, 4096)] == [
+            "rows", "rows", "linear", "linear", "linear", "rows", "rows", "rows",
+        ]  # fmt: skip
+    assert choice.kernels == {"rows", "linear"}
 
 
-def test_linear_stays_unless_another_kernel_is_clearly_faster() -> None:
-    timings = {1: {"linear": 1.0, "rows": 0.95, "packed": 0.81}, 8: {"linear": 1.0, "rows": 0.79}}
+def test_linear_stays_unless_rows_is_clearly_faster() -> None:
+    timings = {1: {"linear": 1.0, "rows": 0.81}, 8: {"linear": 1.0, "rows": 0.79}}
     assert KernelChoice.fastest(timings).by_rows == {1: "linear", 8: "rows"}
-    assert KernelChoice.fastest(timings, margin=0.0).by_rows == {1: "packed", 8: "rows"}
+    assert KernelChoice.fastest(timings, margin=0.0).by_rows == {1: "rows", 8: "rows"}
 
 
-def test_choose_kernels_times_every_kernel_at_every_size_and_keeps_only_what_it_uses() -> None:
+def test_choose_kernels_times_every_kernel_at_every_size_in_turns() -> None:
     model = TiedModel()
     linears = EngineLinears(model, 2, kernels="linear")
     calls = []
 
     def timer(products, kernel, rows):
+        assert list(products) == linears.products  # every product, every pass
         calls.append((kernel, rows))
-        if kernel == "packed":  # where it exists, every product has its packed copy to time
-            assert all(p.packed is not None for p in products)
-        return {"linear": 3.0, "rows": 2.0, "packed": 1.0}[kernel] * (
-            rows if kernel != "rows" else 1
-        )
+        return {"linear": 3.0, "rows": 2.0}[kernel] * (rows if kernel == "rows" else 1)
 
     choice, seconds = choose_kernels(linears.products, sizes=(1, 16), rounds=2, timer=timer)
-    kernels = [k for k in KERNELS if k != "packed" or packed_kernel_available()]
     # a warm-up round and 2 timed ones, the kernels taking turns within each round
-    assert calls == [(k, r) for r in (1, 16) for _ in range(3) for k in kernels]
-    fastest_one = "packed" if packed_kernel_available() else "rows"
-    assert choice.by_rows == {1: fastest_one, 16: "rows"}
-    assert seconds[16]["linear"] == 48.0
-    keeps_packed = fastest_one == "packed"
-    assert all((p.packed is not None) == keeps_packed for p in linears.products)
+    assert calls == [(k, r) for r in (1, 16) for _ in range(3) for k in KERNELS]
+    assert choice.by_rows == {1: "rows", 16: "linear"}
+    assert seconds[16] == {"linear": 3.0, "rows": 32.0}
 
 
 def test_timing_a_pass_reads_every_product() -> None:
@@ -186,7 +170,7 @@ def test_timing_a_pass_reads_every_product() -> None:
     assert linears.choice == KernelChoice.fastest(linears.seconds)
 
 
-@pytest.mark.parametrize("kernels", ["auto", *KERNEL_PARAMS])
+@pytest.mark.parametrize("kernels", ["auto", *KERNELS])
 @pytest.mark.parametrize("tied", [False, True])
 def test_the_engine_runs_its_kernels_on_cpu_and_hands_the_model_back_on_close(
     kernels: str, tied: bool, monkeypatch: pytest.MonkeyPatch
@@ -230,7 +214,7 @@ def _sibling_outputs(block: Block, x: torch.Tensor) -> list[torch.Tensor]:
     return [getattr(block, name)(x) for name in names]
 
 
-@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("bias", [False, True])
 def test_stacked_siblings_compute_what_each_layer_computes(bias: bool, kernel: str) -> None:
     torch.manual_seed(0)
@@ -271,7 +255,7 @@ def test_release_unstacks_siblings_into_their_own_weights(tmp_path: Path) -> Non
     torch.manual_seed(0)
     block = Block(bias=False)
     before = {k: v.clone() for k, v in block.state_dict().items()}
-    EngineLinears(block, 2, kernels="packed" if packed_kernel_available() else "rows").release()
+    EngineLinears(block, 2, kernels="rows").release()
     storages = set()
     for name, value in block.state_dict().items():
         assert value.is_contiguous(), name
