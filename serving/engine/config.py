@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from serving.engine.linear_kernels import KERNELS
+
 
 @dataclass
 class EngineConfig:
@@ -42,9 +44,10 @@ class EngineConfig:
             raise ValueError("need 0 < min_budget <= max_budget")
         if self.probe_context < 0:
             raise ValueError(f"probe_context must be non-negative, got {self.probe_context}")
-        if self.linear_kernels not in (None, "auto", "linear", "rows"):
+        if self.linear_kernels not in (None, "auto", *KERNELS):
             raise ValueError(
-                f"linear_kernels must be None, 'auto', 'linear' or 'rows', got {self.linear_kernels!r}"
+                f"linear_kernels must be None, 'auto' or one of {KERNELS}, "
+                f"got {self.linear_kernels!r}"
             )
         if self.target_step_ms <= 0:
             raise ValueError(f"target_step_ms must be positive, got {self.target_step_ms}")

@@ -11,6 +11,7 @@ from engine_testing import GREEDY, WORKLOAD, make_engine, reference
 from safetensors.torch import save_file
 from torch import nn
 
+from serving.engine import EngineConfig
 from serving.engine.linear_kernels import (
     KERNELS,
     EngineLinears,
@@ -116,6 +117,8 @@ def test_bad_settings_are_refused() -> None:
         EngineLinears(TiedModel(), 0)
     with pytest.raises(ValueError, match="kernels must be"):
         EngineLinears(TiedModel(), 2, kernels="fast")
+    with pytest.raises(ValueError, match="linear_kernels must be"):
+        EngineConfig(linear_kernels="packed")  # tried and dropped: refused, not ignored
     with pytest.raises(ValueError, match="kernel choice"):
         KernelChoice({1: "fast"})
     with pytest.raises(ValueError, match="kernel choice"):
