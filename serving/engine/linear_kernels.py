@@ -20,8 +20,9 @@ here. Siblings that read the same input (q/k/v, gate/up) get their weights stack
 each weight a contiguous row range of it, so each group is one product. `choose_kernels` times
 one pass over all of them per kernel at a few pass sizes (the median of a few passes) and each
 pass size then uses the kernel that was fastest at the nearest timed size, `linear` unless
-"rows" beats it by more than 20%. `release` gives every layer its own forward and every stacked
-weight its own storage back.
+"rows" beats it by more than 20%; where `linear` wins at every size, the layers are given back
+at once (torch's own layers are a little faster than `linear` through this module). `release`
+gives every layer its own forward and every stacked weight its own storage back.
 
 The sums are the same dot products in other kernels, so results can differ from `linear` in the
 last bits; the engine's greedy output still equals the reference decoder's in the tests and the
@@ -210,6 +211,12 @@ class EngineLinears:
             self.num_stacked,
             self.choice.by_rows,
         )
+        if kernels == "auto" and self.choice.kernels == {"linear"}:
+            # torch's own layers run the same products without the stacking's slices and this
+            # module's bookkeeping: 2.5-5.5% faster decode steps on host B (benchmarks/
+            # linear_ab.py, 1 and 16 sequences), so when rows never wins they get them back.
+            self.release()
+            logger.info("linear wins at every pass size: torch's own layers kept")
 
     def _install(self, product: _Product) -> None:
         self.products.append(product)

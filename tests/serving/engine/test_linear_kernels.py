@@ -11,7 +11,7 @@ from engine_testing import GREEDY, WORKLOAD, make_engine, reference
 from safetensors.torch import save_file
 from torch import nn
 
-from serving.engine import EngineConfig
+from serving.engine import EngineConfig, linear_kernels
 from serving.engine.linear_kernels import (
     KERNELS,
     EngineLinears,
@@ -181,9 +181,12 @@ def test_the_engine_runs_its_kernels_on_cpu_and_hands_the_model_back_on_close(
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     with make_engine(tie_word_embeddings=tied, linear_kernels=kernels) as engine:
         model = engine.model
-        assert engine.runner.linears is not None and engine.runner.linears.layers
+        linears = engine.runner.linears
+        assert linears is not None
         if kernels != "auto":
-            assert engine.runner.linears.choice.kernels == {kernels}
+            assert linears.choice.kernels == {kernels}
+        # installed, unless auto found linear fastest everywhere and gave the layers back
+        assert bool(linears.layers) == (linears.choice.kernels != {"linear"} or kernels != "auto")
         ours = engine.generate(WORKLOAD[:3], GREEDY)
     for conversation, out in zip(WORKLOAD[:3], ours, strict=True):
         expected = reference(tie_word_embeddings=tied).generate(conversation, GREEDY).token_ids
@@ -267,3 +270,25 @@ def test_release_unstacks_siblings_into_their_own_weights(tmp_path: Path) -> Non
     assert len(storages) == len(before)  # no weight shares a storage any more
     save_file(block.state_dict(), tmp_path / "block.safetensors")  # refuses shared storages
     assert not any("engine_product" in vars(m) or "forward" in vars(m) for m in block.modules())
+
+
+@pytest.mark.parametrize("winner", KERNELS)
+def test_auto_gives_the_layers_back_when_linear_wins_everywhere(winner: str, monkeypatch) -> None:
+    def rigged(products, sizes=(1, 8), **_):
+        seconds = {r: {k: 1.0 if k == winner else 2.0 for k in KERNELS} for r in sizes}
+        return KernelChoice.fastest(seconds), seconds
+
+    monkeypatch.setattr(linear_kernels, "choose_kernels", rigged)
+    block = Block(bias=False)
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    linears = EngineLinears(block, 2, kernels="auto")
+    assert linears.choice.kernels == {winner}  # what it found is kept for the record
+    installed = [m for m in block.modules() if "forward" in vars(m)]
+    if winner == "linear":
+        assert not installed and not linears.products
+        storages = {v.untyped_storage().data_ptr() for v in block.state_dict().values()}
+        assert len(storages) == len(before)  # unstacked again
+    else:
+        assert len(installed) == 5
+    for name, value in block.state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0)
