@@ -115,19 +115,17 @@ class _Product:
     def __init__(self, layers: list[nn.Linear], parts: int) -> None:
         self.layers = layers
         self.stacked = len(layers) > 1
-        if self.stacked:
-            storage = torch.cat([layer.weight.data for layer in layers])  # (sum of outs, in)
-            start = 0
-            for layer in layers:
-                layer.weight.data = storage[start : start + layer.out_features]  # contiguous rows
-                start += layer.out_features
-        else:
-            storage = layers[0].weight.data
-        self.weight = storage  # (out, in)
-        self.bounds: list[tuple[int, int]] = []
+        self.bounds: list[tuple[int, int]] = []  # each member's output rows in the storage
         for layer in layers:
             start = self.bounds[-1][1] if self.bounds else 0
             self.bounds.append((start, start + layer.out_features))
+        if self.stacked:
+            storage = torch.cat([layer.weight.data for layer in layers])  # (sum of outs, in)
+            for layer, (start, end) in zip(layers, self.bounds, strict=True):
+                layer.weight.data = storage[start:end]  # contiguous rows
+        else:
+            storage = layers[0].weight.data
+        self.weight = storage  # (out, in)
         # "rows": (parts, out / parts, in), block p is output rows p*out/parts.. of the weight
         out_features = storage.shape[0]
         self.blocks = (
@@ -150,15 +148,18 @@ class _Product:
             return out.permute(2, 0, 1).reshape(rows.shape[0], self.weight.shape[0])  # (m, out)
         return torch.nn.functional.linear(rows, self.weight)
 
+    def _multiply_input(self, x: torch.Tensor, choice: KernelChoice) -> torch.Tensor:
+        """(..., in) -> (m, out) for the m rows of x, by the kernel chosen for m rows."""
+        rows = x.reshape(-1, x.shape[-1]).contiguous()  # (m, in)
+        return self.multiply(rows, choice.kernel_for(rows.shape[0]))
+
     def output(self, layer: nn.Linear, x: torch.Tensor, choice: KernelChoice) -> torch.Tensor:
         if not self.stacked:  # a layer of its own: nothing to share, so nothing to keep
-            rows = x.reshape(-1, x.shape[-1]).contiguous()  # (m, in)
-            out = self.multiply(rows, choice.kernel_for(rows.shape[0]))  # (m, out)
+            out = self._multiply_input(x, choice)  # (m, out)
             out = out.view(*x.shape[:-1], out.shape[-1])
             return out if layer.bias is None else out + layer.bias
         if self.input is not x or id(layer) not in self.outputs:
-            rows = x.reshape(-1, x.shape[-1]).contiguous()  # (m, in)
-            full = self.multiply(rows, choice.kernel_for(rows.shape[0]))  # (m, sum of outs)
+            full = self._multiply_input(x, choice)  # (m, sum of outs)
             self.outputs = {}
             for member, (start, end) in zip(self.layers, self.bounds, strict=True):
                 out = full[:, start:end].reshape(*x.shape[:-1], end - start).contiguous()
@@ -260,7 +261,6 @@ class EngineLinears:
                     del layer.forward, layer.engine_product, layer.engine_linears
                     if product.stacked:
                         layer.weight.data = layer.weight.data.clone()  # savable on its own again
-                product.blocks = None
         self.products, self.layers = [], []
 
 
