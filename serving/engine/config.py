@@ -28,6 +28,10 @@ class EngineConfig:
     # for each pass size; "linear" or "rows" uses one for every size; None leaves torch's own
     # layers alone.
     linear_kernels: str | None = "auto"
+    # Llama-family backbones (serving/engine/lean_forward.py) run the engine's own flat forward
+    # instead of transformers' modules: the same arithmetic without their per-call overhead.
+    # False: transformers' forward for every backbone, for comparison.
+    lean_forward: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

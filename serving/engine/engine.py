@@ -59,7 +59,9 @@ class Engine:
             model, tokenizer, max_length=self.context_length, limits=limits
         )
         self.blocks = BlockManager(self.config.resolved_num_blocks, self.config.block_size)
-        self.runner = ModelRunner(model, self.blocks, self.config.linear_kernels)
+        self.runner = ModelRunner(
+            model, self.blocks, self.config.linear_kernels, self.config.lean_forward
+        )
         self.image_cache = ImageFeatureCache(self.config.image_cache_entries)
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.requests: dict[str, Request] = {}

@@ -179,6 +179,7 @@ class EngineLinears:
     """Switch a module's float32 `nn.Linear` layers to the engine's kernels until `release`.
 
     `kernels`: "auto" (time them here, see `choose_kernels`) or one of KERNELS for every size.
+    `give_back`: under "auto", hand the layers back at once where `linear` wins at every size.
     """
 
     def __init__(
@@ -187,6 +188,7 @@ class EngineLinears:
         parts: int,
         kernels: str = "auto",
         fuse: Sequence[Sequence[str]] = FUSED_SIBLINGS,
+        give_back: bool = True,
     ) -> None:
         if parts < 1:
             raise ValueError(f"need at least 1 part, got {parts}")
@@ -212,10 +214,12 @@ class EngineLinears:
             self.num_stacked,
             self.choice.by_rows,
         )
-        if kernels == "auto" and self.choice.kernels == {"linear"}:
+        if give_back and kernels == "auto" and self.choice.kernels == {"linear"}:
             # torch's own layers run the same products without the stacking's slices and this
             # module's bookkeeping: 2.5-5.5% faster decode steps on host B (benchmarks/
             # linear_ab.py, 1 and 16 sequences), so when rows never wins they get them back.
+            # give_back=False: the caller multiplies through the products itself (the lean
+            # forward), where one stacked product is the cheaper way.
             self.release()
             logger.info("linear wins at every pass size: torch's own layers kept")
 

@@ -3,7 +3,8 @@
 Design note. The engine runs the backbone once per step over one flat ragged batch (all chunks
 of all scheduled sequences side by side, shape (1, num_tokens)). The backbone's attention calls
 dispatch here through transformers' attention registry (`PAGED_ATTENTION`), with the step's
-`PagedBatch` passed as a forward keyword. For each layer the new keys and values are written into
+`PagedBatch` passed as a forward keyword; the engine's own forward of Llama-family decoders
+(`lean_forward`) calls `paged_attention` directly. For each layer the new keys and values are written into
 their cache slots, then every sequence attends over its own cached positions, gathered by block
 table: all single-token decodes as one padded batch, each prompt chunk on its own. The modality
 tag of every cached position is kept in a slot-aligned tensor beside the blocks, so MMCA's rule
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AttentionInterface
 
-from visualchat.model.attention import TEXT, mmca_attention, mmca_masks
+from visualchat.model.attention import TEXT, empty_rows, mmca_attention, mmca_masks
 
 PAGED_ATTENTION = "visualchat_paged"
 
@@ -52,12 +53,17 @@ class AttentionGroup:
     every layer worked out once per step (the per-layer work is gathers and the SDPA calls)."""
 
     query_index: torch.Tensor  # (b * q,) flat-batch row of each padded query (0 for padding)
+    query_prefix: bool  # query_index is 0, 1, ..., b * q - 1 (a decode group at the front)
     num_queries: int  # q: queries per sequence after padding
     key_slots: torch.Tensor  # (b * k,) cache slot of each padded key position
     num_keys: int  # k
-    # Masks with each kv head's query heads folded into the query rows (see the forward).
-    text_part: torch.Tensor  # (b, 1, shared * q, k) bool
+    # Masks with each kv head's query heads folded into the query rows (see the forward), as
+    # additive masks in the cache's dtype (0 visible, -inf not): SDPA would turn a boolean mask
+    # into this in every call, i.e. in every layer.
+    text_part: torch.Tensor  # (b, 1, shared * q, k)
     image_part: torch.Tensor | None  # same shape; None for causal attention
+    # Rows of each part that see no key, (b, 1, shared * q, 1); None where there are none.
+    empty: tuple[torch.Tensor | None, torch.Tensor | None]
     out_rows: torch.Tensor  # (n,) flat-batch rows of the real queries
     out_index: torch.Tensor | None  # (n,) their places among the b * q padded ones; None: all
     rows_in_order: bool  # out_rows is 0, 1, ..., n - 1
@@ -111,13 +117,23 @@ def build_group(
 
     all_valid = bool(q_valid.all())
     out_rows = q_index[q_valid]
+    text_part = folded(text_part)
+    image_part = None if image_part is None else folded(image_part)
+    empty = (empty_rows(text_part), None if image_part is None else empty_rows(image_part))
+    dtype = store.keys[0].dtype
+
+    def additive(part: torch.Tensor) -> torch.Tensor:  # True -> 0, False -> -inf
+        return torch.zeros(part.shape, dtype=dtype, device=device).masked_fill_(~part, -torch.inf)
+
     return AttentionGroup(
         query_index=q_index.view(-1),
+        query_prefix=torch.equal(q_index.view(-1), torch.arange(b * max_q, device=device)),
         num_queries=max_q,
         key_slots=k_slots.view(-1),
         num_keys=max_k,
-        text_part=folded(text_part),
-        image_part=None if image_part is None else folded(image_part),
+        text_part=additive(text_part),
+        image_part=None if image_part is None else additive(image_part),
+        empty=empty,
         out_rows=out_rows,
         out_index=None if all_valid else q_valid.view(-1).nonzero().squeeze(1),
         rows_in_order=torch.equal(out_rows, torch.arange(len(out_rows), device=device)),
@@ -135,42 +151,68 @@ def paged_attention_forward(
     paged_batch: PagedBatch | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature over `paged_attention`."""
     if paged_batch is None:
         raise ValueError("paged attention runs only inside the engine (paged_batch= missing)")
-    store, layer = paged_batch.store, module.layer_idx
-    num_heads, head_dim = query.shape[1], query.shape[3]
+    scaling = query.shape[3] ** -0.5 if scaling is None else scaling
+    out = paged_attention(
+        paged_batch,
+        module.layer_idx,
+        query[0].transpose(0, 1),
+        key[0].transpose(0, 1),
+        value[0].transpose(0, 1),
+        scaling,
+    )
+    return out.unsqueeze(0), None  # (1, num_tokens, heads, head_dim)
+
+
+def paged_attention(
+    batch: PagedBatch,
+    layer: int,
+    query: torch.Tensor,  # (num_tokens, heads, head_dim) the flat ragged batch
+    key: torch.Tensor,  # (num_tokens, kv_heads, head_dim)
+    value: torch.Tensor,  # (num_tokens, kv_heads, head_dim)
+    scaling: float,
+) -> torch.Tensor:
+    """Write the pass's keys and values into their slots of `layer`, then attend every query
+    over its sequence's cached positions: (num_tokens, heads, head_dim)."""
+    store = batch.store
+    num_heads, head_dim = query.shape[1], query.shape[2]
     keys, values = store.keys[layer], store.values[layer]  # (slots, kv_heads, head_dim)
-    # (num_tokens, kv_heads, head_dim) written into this layer's slots
-    keys.index_copy_(0, paged_batch.new_slots, key[0].transpose(0, 1).to(keys.dtype))
-    values.index_copy_(0, paged_batch.new_slots, value[0].transpose(0, 1).to(keys.dtype))
-    scaling = head_dim**-0.5 if scaling is None else scaling
-    flat_query = query[0].transpose(0, 1)  # (num_tokens, heads, head_dim)
+    keys.index_copy_(0, batch.new_slots, key)  # index_copy_ casts to the cache's dtype
+    values.index_copy_(0, batch.new_slots, value)
     kv_heads = keys.shape[1]
     shared = num_heads // kv_heads  # query heads per kv head (grouped-query attention)
     outputs = []  # (group, attended rows) per group
-    for group in paged_batch.groups:
+    for group in batch.groups:
         b, num_q, num_k = group.text_part.shape[0], group.num_queries, group.num_keys
         k = keys.index_select(0, group.key_slots).view(b, num_k, kv_heads, head_dim)
         v = values.index_select(0, group.key_slots).view(b, num_k, kv_heads, head_dim)
-        k, v = k.transpose(1, 2).to(query.dtype), v.transpose(1, 2).to(query.dtype)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (b, kv_heads, k, d)
+        if k.dtype != query.dtype:
+            k, v = k.to(query.dtype), v.to(query.dtype)
         # Query head h uses kv head h // shared: fold each kv head's query heads into its rows,
         # so K and V are read once per kv head instead of copied per query head.
-        q = flat_query.index_select(0, group.query_index)  # (b * q, heads, d)
+        # (b * q, heads, d); a decode group's rows lead the batch in order: a view of them
+        prefix = group.query_prefix
+        q = query[: b * num_q] if prefix else query.index_select(0, group.query_index)
         q = q.view(b, num_q, kv_heads, shared, head_dim).permute(0, 2, 3, 1, 4)
         q = q.reshape(b, kv_heads, shared * num_q, head_dim)  # (b, kv_heads, shared*q, d)
-        attended = mmca_attention(q, k, v, group.text_part, group.image_part, scaling)
+        attended = mmca_attention(
+            q, k, v, group.text_part, group.image_part, scaling, empty=group.empty
+        )
         attended = attended.view(b, kv_heads, shared, num_q, head_dim).permute(0, 3, 1, 2, 4)
         attended = attended.reshape(b * num_q, num_heads, head_dim)
         if group.out_index is not None:
             attended = attended.index_select(0, group.out_index)  # (n, heads, d)
         outputs.append((group, attended))
-    num_tokens = flat_query.shape[0]
+    num_tokens = query.shape[0]
     if len(outputs) == 1 and outputs[0][0].rows_in_order and len(outputs[0][1]) == num_tokens:
-        return outputs[0][1].unsqueeze(0), None  # e.g. one decode group: already in row order
-    out = torch.zeros_like(flat_query)
+        return outputs[0][1]  # e.g. one decode group: already in row order
+    out = torch.zeros_like(query)
     for group, attended in outputs:
         out.index_copy_(0, group.out_rows, attended)
-    return out.unsqueeze(0), None  # (1, num_tokens, heads, head_dim)
+    return out  # (num_tokens, heads, head_dim)
 
 
 def register_paged_attention() -> None:

@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from serving.engine import lean_forward as lean
 from serving.engine.kv_cache import BlockManager
 from serving.engine.linear_kernels import EngineLinears
 from serving.engine.paged_attention import (
@@ -28,6 +29,7 @@ class ModelRunner:
         model: VisualChatModel,
         blocks: BlockManager,
         linear_kernels: str | None = "auto",
+        lean_forward: bool = True,
     ) -> None:
         self.model = model
         self.blocks = blocks
@@ -57,17 +59,30 @@ class ModelRunner:
         self.model_attention = model.config.attention
         register_paged_attention()
         model.language_model.set_attn_implementation(PAGED_ATTENTION)
+        # Llama-family backbones run the engine's own flat forward (see lean_forward); any other
+        # goes through transformers' modules, with the paged attention plugged in.
+        reason = lean.supports(model.language_model) if lean_forward else "turned off"
+        if reason is not None and lean_forward:
+            logger.info("transformers' forward runs the backbone: %s", reason)
         # On CPU the linear layers run the kernels fastest on this machine for each pass size
-        # (see linear_kernels); release gives the layers their own forwards back too.
+        # (see linear_kernels); release gives the layers their own forwards back too. The lean
+        # forward multiplies through the stacked products itself, so it keeps them.
         self.linears = (
-            EngineLinears(model.language_model, torch.get_num_threads(), linear_kernels)
+            EngineLinears(
+                model.language_model,
+                torch.get_num_threads(),
+                linear_kernels,
+                give_back=reason is not None,
+            )
             if linear_kernels is not None and model.device.type == "cpu"
             else None
         )
+        self.lean = lean.LeanForward(model.language_model) if reason is None else None
 
     def release(self) -> None:
         """Restore the model's own attention; the runner must not execute afterwards."""
         self.model.set_attention(self.model_attention)
+        self.lean = None
         if self.linears is not None:
             self.linears.release()
             self.linears = None
@@ -116,12 +131,16 @@ class ModelRunner:
             batch.groups.append(self._group(decode_group))
         for entry in prefill_groups:
             batch.groups.append(self._group([entry]))
-        embeds = self._embed(token_ids, tags, image_rows)  # (1, num_tokens, hidden)
+        embeds = self._embed(token_ids, tags, image_rows)  # (num_tokens, hidden)
+        positions_t = torch.tensor(positions, device=device)  # (num_tokens,)
+        sample_rows_t = torch.tensor(sample_rows, dtype=torch.long, device=device)
+        if self.lean is not None:
+            return self.lean(embeds, positions_t, batch, sample_rows_t)
         out = self.model.language_model(
-            inputs_embeds=embeds,
-            position_ids=torch.tensor([positions], device=device),
+            inputs_embeds=embeds.unsqueeze(0),
+            position_ids=positions_t.unsqueeze(0),
             use_cache=False,
-            logits_to_keep=torch.tensor(sample_rows, dtype=torch.long, device=device),
+            logits_to_keep=sample_rows_t,
             paged_batch=batch,
         )
         return out.logits[0]  # (num_sampling_chunks, vocab)
@@ -154,4 +173,4 @@ class ModelRunner:
             numbers = torch.tensor([image + 1 for _, _, image, _ in image_rows], device=device)
             feats = self.model.projector.add_image_index(feats.to(embeds.dtype), numbers)
             embeds[rows] = feats
-        return embeds.unsqueeze(0)
+        return embeds

@@ -63,11 +63,12 @@ def mmca_attention(
     query: torch.Tensor,  # (batch, heads, num_queries, head_dim)
     key: torch.Tensor,  # (batch, heads, num_keys, head_dim)
     value: torch.Tensor,  # (batch, heads, num_keys, head_dim)
-    text_part: torch.Tensor,  # (batch, 1 | heads, num_queries, num_keys) bool
+    text_part: torch.Tensor,  # (batch, 1 | heads, num_queries, num_keys) bool (see `empty`)
     image_part: torch.Tensor | None,  # same shape, or None: no image keys anywhere (causal)
     scaling: float,
     dropout: float = 0.0,
     training: bool = False,
+    empty: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Sum of the text-softmax and image-softmax outputs: (batch, heads, num_queries, head_dim).
 
@@ -78,22 +79,44 @@ def mmca_attention(
 
     Training on CPU takes the explicit-probability path instead (one score matmul shared by
     both softmaxes): torch's CPU flash-attention backward is the slow part of a training step
-    there (see training.trainer.use_training_attention for the causal kernel's figures)."""
+    there (see training.trainer.use_training_attention for the causal kernel's figures).
+
+    `empty`: the rows of each part that see no key (`empty_rows`), when the caller worked them out
+    once for many calls (the engine, once per pass for all layers); None: found here. With
+    `empty` given (and not training) the parts may also be additive masks (0 / -inf) in the
+    query's dtype, which SDPA would otherwise make from the booleans in every call."""
     if training and (dropout > 0.0 or query.device.type == "cpu"):
         return _mmca_attention_eager(query, key, value, text_part, image_part, scaling, dropout)
-    out = _masked_sdpa(query, key, value, text_part, scaling)
+    if empty is None:
+        empty = (
+            ~text_part.any(dim=-1, keepdim=True),
+            None if image_part is None else ~image_part.any(dim=-1, keepdim=True),
+        )
+    out = _masked_sdpa(query, key, value, text_part, scaling, empty[0])
     if image_part is not None:
-        out = out + _masked_sdpa(query, key, value, image_part, scaling)
+        out = out + _masked_sdpa(query, key, value, image_part, scaling, empty[1])
     return out
 
 
+def empty_rows(mask: torch.Tensor) -> torch.Tensor | None:
+    """The rows of an attention mask (..., q, k) that see no key, as (..., q, 1) bool; None when
+    every row sees one, so the fill can be skipped (decode rows always see themselves)."""
+    empty = ~mask.any(dim=-1, keepdim=True)
+    return empty if bool(empty.any()) else None
+
+
 def _masked_sdpa(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+    empty: torch.Tensor | None,  # (..., q, 1) rows with no visible key; None: there are none
 ) -> torch.Tensor:
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, scale=scaling
     )  # (b, h, q, d); NaN on rows with no visible key
-    return out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+    return out if empty is None else out.masked_fill(empty, 0.0)
 
 
 def _mmca_attention_eager(

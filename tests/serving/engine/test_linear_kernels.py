@@ -14,6 +14,7 @@ from torch import nn
 from serving.engine import EngineConfig, linear_kernels
 from serving.engine.linear_kernels import (
     KERNELS,
+    TIMED_ROWS,
     EngineLinears,
     KernelChoice,
     _Product,
@@ -165,6 +166,21 @@ def test_choose_kernels_times_every_kernel_at_every_size_in_turns() -> None:
     assert seconds[16] == {"linear": 3.0, "rows": 32.0}
 
 
+def test_auto_keeps_the_layers_when_asked_not_to_give_them_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    linear_wins = {rows: {"linear": 1.0, "rows": 9.0} for rows in TIMED_ROWS}
+    monkeypatch.setattr(
+        linear_kernels,
+        "choose_kernels",
+        lambda products: (KernelChoice.fastest(linear_wins), linear_wins),
+    )
+    assert EngineLinears(TiedModel(), 2, kernels="auto").layers == []  # given back
+    kept = EngineLinears(TiedModel(), 2, kernels="auto", give_back=False)
+    assert kept.choice.kernels == {"linear"}
+    assert kept.layers and all("forward" in vars(layer) for layer in kept.layers)
+
+
 def test_timing_a_pass_reads_every_product() -> None:
     model = TiedModel()
     linears = EngineLinears(model, 2, kernels="auto")
@@ -174,19 +190,22 @@ def test_timing_a_pass_reads_every_product() -> None:
 
 
 @pytest.mark.parametrize("kernels", ["auto", *KERNELS])
-@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize(("tied", "lean"), [(False, True), (True, True), (False, False)])
 def test_the_engine_runs_its_kernels_on_cpu_and_hands_the_model_back_on_close(
-    kernels: str, tied: bool, monkeypatch: pytest.MonkeyPatch
+    kernels: str, tied: bool, lean: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    with make_engine(tie_word_embeddings=tied, linear_kernels=kernels) as engine:
+    with make_engine(tie_word_embeddings=tied, linear_kernels=kernels, lean_forward=lean) as engine:
         model = engine.model
         linears = engine.runner.linears
         assert linears is not None
+        assert (engine.runner.lean is not None) == lean
         if kernels != "auto":
             assert linears.choice.kernels == {kernels}
-        # installed, unless auto found linear fastest everywhere and gave the layers back
-        assert bool(linears.layers) == (linears.choice.kernels != {"linear"} or kernels != "auto")
+        # Installed, unless auto found linear fastest everywhere and gave the layers back; the
+        # lean forward multiplies through the stacked products itself, so it keeps them.
+        gave_back = kernels == "auto" and linears.choice.kernels == {"linear"} and not lean
+        assert bool(linears.layers) == (not gave_back)
         ours = engine.generate(WORKLOAD[:3], GREEDY)
     for conversation, out in zip(WORKLOAD[:3], ours, strict=True):
         expected = reference(tie_word_embeddings=tied).generate(conversation, GREEDY).token_ids
