@@ -217,7 +217,7 @@ class EngineLinears:
         if give_back and kernels == "auto" and self.choice.kernels == {"linear"}:
             # torch's own layers run the same products without the stacking's slices and this
             # module's bookkeeping: 2.5-5.5% faster decode steps on host B (benchmarks/
-            # linear_ab.py, 1 and 16 sequences), so when rows never wins they get them back.
+            # engine_ab.py, 1 and 16 sequences), so when rows never wins they get them back.
             # give_back=False: the caller multiplies through the products itself (the lean
             # forward), where one stacked product is the cheaper way.
             self.release()

@@ -1,11 +1,19 @@
-"""Decode steps with torch's own linear layers against the engine's `linear` kernel (stacked
-q/k/v and gate/up through serving/engine/linear_kernels.py), interleaved step by step.
+"""Decode steps of engine variants, interleaved step by step: the engine's own forward of
+Llama-family backbones against transformers' forward (serving/engine/lean_forward.py), and
+torch's own linear layers against the engine's `linear` kernel (stacked q/k/v and gate/up through
+serving/engine/linear_kernels.py).
 
-Two engines over copies of the embedded default take turns: each decodes the same requests and
-each step of one is followed by a step of the other, so a slow moment of a shared machine falls
-on both. Printed: the median step of each, per number of running sequences.
+Engines over copies of the embedded default take turns: each decodes the same requests and each
+step of one is followed by a step of the others, so a slow moment of a shared machine falls on
+all. Printed: the median step of each and its ratio to the first, per number of running
+sequences.
 
-    python benchmarks/linear_ab.py [--sequences 1,16] [--steps 100] [--rounds 3] [--out r.json]
+    python benchmarks/engine_ab.py [--variants lean,transformers] [--sequences 1,16]
+        [--steps 100] [--rounds 3] [--out r.json]
+
+Variants: lean (the default engine), transformers (the same, transformers' forward),
+torch_layers (transformers' forward, torch's own layers), engine_linear (transformers' forward
+through the engine's `linear` kernel).
 """
 
 from __future__ import annotations
@@ -22,7 +30,12 @@ from visualchat.atomic import atomic_write_json
 from visualchat.model import loading
 from visualchat.sampling import SamplingParams
 
-VARIANTS = {"torch_layers": None, "engine_linear": "linear"}
+VARIANTS: dict[str, dict] = {  # EngineConfig fields of each variant
+    "lean": {},
+    "transformers": {"lean_forward": False},
+    "torch_layers": {"lean_forward": False, "linear_kernels": None},
+    "engine_linear": {"lean_forward": False, "linear_kernels": "linear"},
+}
 
 
 def interleaved_steps(engines: dict[str, Engine], sequences: int, steps: int, rounds: int):
@@ -49,31 +62,39 @@ def interleaved_steps(engines: dict[str, Engine], sequences: int, steps: int, ro
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default="lean,transformers", help=f"of {list(VARIANTS)}")
     parser.add_argument("--sequences", default="1,16")
     parser.add_argument("--steps", type=int, default=100, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=None, help="also write the results here (JSON)")
     args = parser.parse_args(argv)
+    names = args.variants.split(",")
+    unknown = set(names) - set(VARIANTS)
+    if unknown or len(names) < 2:
+        parser.error(f"need two or more variants of {list(VARIANTS)}, got {args.variants!r}")
     model, tokenizer = loading.load_embedded_default(loading.LoadOptions())
     engines = {
         name: Engine(
             copy.deepcopy(model),
             tokenizer,
-            EngineConfig(linear_kernels=kernels, max_num_batched_tokens=512),
+            EngineConfig(max_num_batched_tokens=512, **VARIANTS[name]),
         )
-        for name, kernels in VARIANTS.items()
+        for name in names
     }
     results = {}
     for sequences in (int(n) for n in args.sequences.split(",")):
         medians = interleaved_steps(engines, sequences, args.steps, args.rounds)
         results[str(sequences)] = medians
-        ratio = medians["engine_linear"] / medians["torch_layers"]
+        first = medians[names[0]]
         print(
-            f"{sequences:3d} sequences: torch's layers {1e3 * medians['torch_layers']:.1f} ms, "
-            f"engine linear {1e3 * medians['engine_linear']:.1f} ms ({ratio:.3f}x)"
+            f"{sequences:3d} sequences: "
+            + ", ".join(
+                f"{name} {1e3 * medians[name]:.1f} ms ({medians[name] / first:.3f}x)"
+                for name in names
+            )
         )
     if args.out is not None:
-        atomic_write_json(args.out, {"step_seconds_median": results})
+        atomic_write_json(args.out, {"variants": names, "step_seconds_median": results})
     return 0
 
 
