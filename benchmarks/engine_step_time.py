@@ -2,8 +2,10 @@
 
 Continuous batching beats a static batch only as far as a step with fewer live sequences is
 cheaper; this measures that curve on the embedded default (median of timed decode steps after
-the prompts are in) with torch's own linear layers and with each of the engine's linear kernels
-(serving/engine/linear_kernels.py) and its start-up choice ("auto"), and the language-model
+the prompts are in) through transformers' forward with torch's own linear layers, with each of
+the engine's linear kernels (serving/engine/linear_kernels.py) and with its start-up choice
+("auto"), then the default engine (its own forward, serving/engine/lean_forward.py), and the
+language-model
 head's matrix-vector product four ways, since on a CPU that single 49152 x 576 product is a
 large share of a one-sequence step.
 
@@ -80,13 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     steps: dict[str, dict[int, float]] = {}
-    variants = {"torch_layers": None, **{k: k for k in (*KERNELS, "auto")}}
+    variants = {  # name: (linear kernels, the engine's own forward)
+        "torch_layers": (None, False),
+        **{k: (k, False) for k in (*KERNELS, "auto")},
+        "lean": ("auto", True),
+    }
     auto_choice, auto_seconds = {}, {}
-    for name, kernels in variants.items():
-        engine = Engine.from_pretrained(config=EngineConfig(linear_kernels=kernels))
+    for name, (kernels, lean) in variants.items():
+        engine = Engine.from_pretrained(
+            config=EngineConfig(linear_kernels=kernels, lean_forward=lean)
+        )
         inputs = [engine.process(c) for c in wl.image_chats(max(batches), 0)]
         steps[name] = {b: decode_step_seconds(engine, inputs, b, args.steps) for b in batches}
-        if kernels == "auto":
+        if name == "auto":
             linears = engine.runner.linears
             auto_choice = {str(r): k for r, k in linears.choice.by_rows.items()}
             auto_seconds = {str(r): by for r, by in linears.seconds.items()}
