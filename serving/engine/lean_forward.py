@@ -95,7 +95,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torc
 class Projection:
     """Sibling linear layers that read the same input (q/k/v, gate/up, or one alone), as one
     (rows, sum of outs) output: one product through the engine's stacked weights when the layers
-    have one (`linear_kernels`), else each layer called and the outputs joined."""
+    have one (`linear_kernels`), else each layer called and the outputs joined. The members'
+    biases are joined once, here: the engine holds the model unchanged while it serves."""
 
     def __init__(self, layers: list[nn.Module]) -> None:
         self.layers = layers

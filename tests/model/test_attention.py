@@ -9,6 +9,7 @@ import torch
 
 from visualchat.model.attention import (
     MMCA_ATTENTION,
+    empty_rows,
     mmca_attention,
     mmca_attention_forward,
     mmca_masks,
@@ -346,3 +347,9 @@ def test_register_mmca_is_idempotent_and_visible_to_transformers() -> None:
     register_mmca()
     register_mmca()
     assert AttentionInterface()[MMCA_ATTENTION] is mmca_attention_forward
+
+
+def test_empty_rows_names_the_rows_that_see_no_key_or_none() -> None:
+    mask = torch.tensor([[True, False], [False, False], [False, True]])  # (q, k)
+    assert torch.equal(empty_rows(mask), torch.tensor([[False], [True], [False]]))
+    assert empty_rows(mask[[0, 2]]) is None  # every row sees a key: nothing to fill

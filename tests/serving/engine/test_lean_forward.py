@@ -4,6 +4,8 @@ the rest to transformers."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from engine_testing import GREEDY, WORKLOAD, make_engine, model_copy, reference, run_engine
@@ -13,6 +15,7 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
+from serving.engine import Engine, EngineConfig
 from serving.engine import lean_forward as lean
 
 
@@ -43,11 +46,25 @@ def record_logits(engine) -> list[torch.Tensor]:
 def test_lean_logits_equal_transformers_logits_pass_for_pass(
     arch: str, attention: str, kernels: str | None
 ) -> None:
+    model, tokenizer = model_copy(attention, arch=arch)
+    biases = [
+        m.bias for m in model.language_model.modules() if getattr(m, "bias", None) is not None
+    ]
+    assert bool(biases) == (arch == "qwen2")
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for bias in biases:  # transformers initialises them to zero: give them weight
+            bias.normal_(std=0.5)
     passes = {}
     for on in (True, False):
-        engine = make_engine(
-            attention, arch=arch, lean_forward=on, linear_kernels=kernels, max_num_batched_tokens=13
+        config = EngineConfig(
+            block_size=4,
+            num_blocks=256,
+            max_num_batched_tokens=13,
+            lean_forward=on,
+            linear_kernels=kernels,
         )
+        engine = Engine(copy.deepcopy(model), tokenizer, config)
         assert (engine.runner.lean is not None) == on
         passes[on] = record_logits(engine)
         run_engine(engine, [(c, GREEDY) for c in WORKLOAD[:6]])
