@@ -4,12 +4,12 @@ Design note. The engine runs the backbone once per step over one flat ragged bat
 of all scheduled sequences side by side, shape (1, num_tokens)). The backbone's attention calls
 dispatch here through transformers' attention registry (`PAGED_ATTENTION`), with the step's
 `PagedBatch` passed as a forward keyword; the engine's own forward of Llama-family decoders
-(`lean_forward`) calls `paged_attention` directly. For each layer the new keys and values are written into
-their cache slots, then every sequence attends over its own cached positions, gathered by block
-table: all single-token decodes as one padded batch, each prompt chunk on its own. The modality
-tag of every cached position is kept in a slot-aligned tensor beside the blocks, so MMCA's rule
-(image rows within their image; text rows as text softmax + image softmax) holds across chunk
-boundaries, even when a chunk splits an image span. The math is `visualchat.model.attention`'s,
+(`lean_forward`) calls `paged_attention` directly. For each layer the new keys and values are
+written into their cache slots, then every sequence attends over its own cached positions,
+gathered by block table: all single-token decodes as one padded batch, each prompt chunk on its
+own. The modality tag of every cached position is kept in a slot-aligned tensor beside the
+blocks, so MMCA's rule (image rows within their image; text rows as text softmax + image
+softmax) holds across chunk boundaries, even when a chunk splits an image span. The math is `visualchat.model.attention`'s,
 so greedy output equals the reference decoder's.
 """
 

@@ -173,6 +173,7 @@ def test_engine_on_a_quantized_checkpoint_equals_the_reference_decoder(
         device="cpu",
     )
     assert linears(engine.model, QuantLinear) == sorted(BACKBONE_LINEARS)
+    assert engine.runner.lean is not None  # its own forward, calling the quantized layers
     results = engine.generate(WORKLOAD, GREEDY)
     assert [r.token_ids for r in results] == expected
 
