@@ -11,7 +11,8 @@ sequences.
     python benchmarks/engine_ab.py [--variants lean,transformers] [--sequences 1,16]
         [--steps 100] [--rounds 3] [--out r.json]
 
-Variants: lean (the default engine), transformers (the same, transformers' forward),
+Variants: lean (the default engine), lean_linear (the same, torch's `linear` at every pass
+size instead of the kernels chosen at start-up), transformers (transformers' forward),
 torch_layers (transformers' forward, torch's own layers), engine_linear (transformers' forward
 through the engine's `linear` kernel).
 """
@@ -32,6 +33,7 @@ from visualchat.sampling import SamplingParams
 
 VARIANTS: dict[str, dict] = {  # EngineConfig fields of each variant
     "lean": {},
+    "lean_linear": {"linear_kernels": "linear"},
     "transformers": {"lean_forward": False},
     "torch_layers": {"lean_forward": False, "linear_kernels": None},
     "engine_linear": {"lean_forward": False, "linear_kernels": "linear"},

@@ -1,7 +1,7 @@
 """Where does a decode step of the engine go? torch's profiler over timed decode steps of the
 embedded default with N running sequences: the ops by self time, and the share of the linear
-layers' products (`mm` through torch's `linear`, `bmm` through row blocks, whichever kernels the
-engine chose on this machine).
+layers' products (`mm` through torch's `linear`, `bmm` through row blocks, oneDNN's packed
+inner product, whichever kernels the engine chose on this machine).
 
     python benchmarks/engine_step_profile.py [--sequences 1] [--steps 20] [--out results.json]
 """
@@ -20,7 +20,7 @@ from serving.engine import Engine, EngineConfig
 from visualchat.atomic import atomic_write_json
 from visualchat.sampling import SamplingParams
 
-LINEAR_OPS = ("aten::mm", "aten::addmm", "aten::linear", "aten::bmm")
+LINEAR_OPS = ("aten::mm", "aten::addmm", "aten::linear", "aten::bmm", "mkldnn::_linear_pointwise")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,18 +9,23 @@ weight matrix, and on CPU how fast that runs depends on the machine, not only on
   that host's full ~20 GB/s.
 - "rows": each weight viewed, as it is, as one block of output rows per thread, multiplied as
   one `bmm`: 36-42 GB/s with one row on host A, but ~8 GB/s on host B.
+- "packed": oneDNN's inner product over a copy of each weight packed once into oneDNN's blocked
+  layout (what inductor's CPU weight freezing does). MKL's float32 `mm` is far from both bounds
+  with a few rows (8 rows cost about twice one on host B); through packed weights a decode step
+  of 16 sequences took 0.88x the time on host B (interleaved with `linear`, and the batching
+  workload ran 1.18x faster, with the same greedy tokens). With one row it is slower than
+  `linear`. The cost is the packed copy, as large as the weights; when "auto" does not pick it
+  at any size the copies are dropped at once.
 
-A third kernel was tried and dropped: MKL's packed sgemm (the weight packed once at start-up, as
-inductor's weight freezing does), 2x faster than `linear` with 16 rows over a synthetic set of
-layers, but no faster over the embedded model's own weights on host B, while it cost a packed
-copy of every weight.
+MKL's own packed sgemm (`torch.ops.mkl._mkl_linear`) was tried before and dropped: no faster over
+the embedded model's weights on host B.
 
 How. While the engine holds the model, every float32 `nn.Linear` of the backbone runs its forward
 here. Siblings that read the same input (q/k/v, gate/up) get their weights stacked in one storage,
 each weight a contiguous row range of it, so each group is one product. `choose_kernels` times
 one pass over all of them per kernel at a few pass sizes (the median of a few passes) and each
 pass size then uses the kernel that was fastest at the nearest timed size, `linear` unless
-"rows" beats it by more than 20%; where `linear` wins at every size, the layers are given back
+another beats it by more than 20%; where `linear` wins at every size, the layers are given back
 at once (torch's own layers are a little faster than `linear` through this module). `release`
 gives every layer its own forward and every stacked weight its own storage back.
 
@@ -44,7 +49,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-KERNELS = ("linear", "rows")
+KERNELS = ("linear", "rows", "packed")
 # Pass sizes timed at start-up: a one-stream decode, a decode batch, a prompt chunk.
 TIMED_ROWS = (1, 8, 64)
 # Another kernel replaces torch's `linear` only when it is this much faster (a fraction of
@@ -106,6 +111,18 @@ class KernelChoice:
         return set(self.by_rows.values())
 
 
+def packing_available() -> bool:
+    """Whether this torch build has oneDNN's packed linear (private ops inductor uses)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight  # noqa: B018 (the lookup raises when missing)
+        torch.ops.mkldnn._linear_pointwise  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
 class _Product:
     """One weight product of the backbone: a layer's own weight, or the stacked weights of
     siblings (row ranges of one (sum of outs, in) storage). The first call on an input computes
@@ -131,8 +148,12 @@ class _Product:
         self.blocks = (
             storage.view(parts, -1, storage.shape[1]) if out_features % parts == 0 else None
         )
+        self.packed: torch.Tensor | None = None  # oneDNN's blocked copy, for "packed"
         self.input: torch.Tensor | None = None
         self.outputs: dict[int, torch.Tensor] = {}
+
+    def pack(self) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)
 
     @property
     def in_features(self) -> int:
@@ -142,6 +163,8 @@ class _Product:
         """(m, in) @ weight.T -> (m, out), by `kernel` when this product supports it."""
         if rows.shape[0] == 0:  # e.g. the head of a pass that samples nothing
             return rows.new_empty(0, self.weight.shape[0])
+        if kernel == "packed" and self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(rows, self.packed, None, "none", [], "")
         if kernel == "rows" and self.blocks is not None:
             columns = rows.t().unsqueeze(0).expand(self.blocks.shape[0], -1, -1)  # (parts, in, m)
             out = torch.bmm(self.blocks, columns)  # (parts, out / parts, m)
@@ -203,10 +226,20 @@ class EngineLinears:
                 if self._eligible(layer) and id(layer) not in grouped:
                     self._install(_Product([layer], parts))
         self.num_stacked = sum(p.stacked for p in self.products)
+        if kernels == "packed" and not packing_available():
+            raise ValueError("the packed kernel needs a torch build with oneDNN (mkldnn)")
+        candidates = [k for k in KERNELS if k != "packed" or packing_available()]
+        if kernels in ("auto", "packed") and "packed" in candidates:
+            with torch.no_grad():
+                for product in self.products:
+                    product.pack()
         if kernels == "auto":
-            self.choice, self.seconds = choose_kernels(self.products)
+            self.choice, self.seconds = choose_kernels(self.products, kernels=candidates)
         else:
             self.choice, self.seconds = KernelChoice.always(kernels), {}
+        if "packed" not in self.choice.kernels:
+            for product in self.products:
+                product.packed = None  # not chosen at any size: no copy kept
         logger.info(
             "%d linear layers in %d products (%d sibling groups stacked); kernels by pass rows: %s",
             len(self.layers),
@@ -265,7 +298,18 @@ class EngineLinears:
                     del layer.forward, layer.engine_product, layer.engine_linears
                     if product.stacked:
                         layer.weight.data = layer.weight.data.clone()  # savable on its own again
+            for product in self.products:
+                product.packed = None
         self.products, self.layers = [], []
+
+    @property
+    def packed_bytes(self) -> int:
+        """Memory held by packed copies of the weights (0 unless "packed" was chosen)."""
+        return sum(
+            p.weight.numel() * p.weight.element_size()
+            for p in self.products
+            if p.packed is not None
+        )
 
 
 def time_pass(products: Sequence[_Product], kernel: str, rows: int) -> float:
@@ -282,6 +326,7 @@ def choose_kernels(
     sizes: Sequence[int] = TIMED_ROWS,
     rounds: int = 5,
     timer: Callable[[Sequence[_Product], str, int], float] = time_pass,
+    kernels: Sequence[str] = KERNELS,
 ) -> tuple[KernelChoice, dict[int, dict[str, float]]]:
     """Time every kernel at every pass size over all products (every weight is read, as in a
     real pass, so the timing sees memory, not a cached matrix) and keep the fastest per size.
@@ -290,9 +335,9 @@ def choose_kernels(
     with torch.no_grad():
         seconds: dict[int, dict[str, float]] = {}
         for rows in sizes:
-            passes: dict[str, list[float]] = {k: [] for k in KERNELS}
+            passes: dict[str, list[float]] = {k: [] for k in kernels}
             for round_ in range(rounds + 1):
-                for kernel in KERNELS:
+                for kernel in kernels:
                     elapsed = timer(products, kernel, rows)
                     if round_:
                         passes[kernel].append(elapsed)

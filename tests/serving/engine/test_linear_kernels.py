@@ -119,7 +119,7 @@ def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="kernels must be"):
         EngineLinears(TiedModel(), 2, kernels="fast")
     with pytest.raises(ValueError, match="linear_kernels must be"):
-        EngineConfig(linear_kernels="packed")  # tried and dropped: refused, not ignored
+        EngineConfig(linear_kernels="mkl_packed")  # tried and dropped: refused, not ignored
     with pytest.raises(ValueError, match="kernel choice"):
         KernelChoice({1: "fast"})
     with pytest.raises(ValueError, match="kernel choice"):
@@ -157,13 +157,15 @@ def test_choose_kernels_times_every_kernel_at_every_size_in_turns() -> None:
     def timer(products, kernel, rows):
         assert list(products) == linears.products  # every product, every pass
         calls.append((kernel, rows))
-        return {"linear": 3.0, "rows": 2.0}[kernel] * (rows if kernel == "rows" else 1)
+        return {"linear": 3.0, "rows": 2.0, "packed": 4.0}[kernel] * (
+            rows if kernel == "rows" else 1
+        )
 
     choice, seconds = choose_kernels(linears.products, sizes=(1, 16), rounds=2, timer=timer)
     # a warm-up round and 2 timed ones, the kernels taking turns within each round
     assert calls == [(k, r) for r in (1, 16) for _ in range(3) for k in KERNELS]
     assert choice.by_rows == {1: "rows", 16: "linear"}
-    assert seconds[16] == {"linear": 3.0, "rows": 32.0}
+    assert seconds[16] == {"linear": 3.0, "rows": 32.0, "packed": 4.0}
 
 
 def test_auto_keeps_the_layers_when_asked_not_to_give_them_back(
@@ -173,7 +175,7 @@ def test_auto_keeps_the_layers_when_asked_not_to_give_them_back(
     monkeypatch.setattr(
         linear_kernels,
         "choose_kernels",
-        lambda products: (KernelChoice.fastest(linear_wins), linear_wins),
+        lambda products, **_: (KernelChoice.fastest(linear_wins), linear_wins),
     )
     assert EngineLinears(TiedModel(), 2, kernels="auto").layers == []  # given back
     kept = EngineLinears(TiedModel(), 2, kernels="auto", give_back=False)
@@ -311,3 +313,62 @@ def test_auto_gives_the_layers_back_when_linear_wins_everywhere(winner: str, mon
         assert len(installed) == 5
     for name, value in block.state_dict().items():
         torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+
+
+def rigged_choice(winner_at_8: str):
+    """choose_kernels stand-in: linear wins at 1 row, `winner_at_8` at 8 rows and more."""
+
+    def choose(products, kernels=KERNELS, **_):
+        seconds = {
+            1: {k: 1.0 if k == "linear" else 2.0 for k in kernels},
+            8: {k: 1.0 if k == winner_at_8 else 2.0 for k in kernels},
+        }
+        return KernelChoice.fastest(seconds), seconds
+
+    return choose
+
+
+@pytest.mark.parametrize("winner", ["packed", "rows"])
+def test_packed_copies_are_kept_only_when_packed_is_chosen(winner: str, monkeypatch) -> None:
+    monkeypatch.setattr(linear_kernels, "choose_kernels", rigged_choice(winner))
+    model = TiedModel()
+    linears = EngineLinears(model, 2, kernels="auto")
+    assert linears.choice.by_rows == {1: "linear", 8: winner}
+    weight_bytes = sum(p.weight.numel() * 4 for p in linears.products)
+    if winner == "packed":
+        assert all(p.packed is not None for p in linears.products)
+        assert linears.packed_bytes == weight_bytes  # the price: a copy of every weight
+    else:
+        assert linears.packed_bytes == 0 and all(p.packed is None for p in linears.products)
+    x = torch.randn(8, 8)
+    torch.testing.assert_close(model.proj(x), x @ model.proj.weight.T + model.proj.bias)
+    products = linears.products
+    linears.release()
+    assert all(p.packed is None for p in products)
+
+
+def test_without_onednn_packed_is_never_timed_and_refused_when_asked(monkeypatch) -> None:
+    monkeypatch.setattr(linear_kernels, "packing_available", lambda: False)
+    timed = []
+
+    def timer(products, kernel, rows):
+        timed.append(kernel)
+        return 1.0
+
+    monkeypatch.setattr(
+        linear_kernels,
+        "choose_kernels",
+        lambda products, kernels=KERNELS, **_: choose_kernels(
+            products, sizes=(1,), rounds=1, timer=timer, kernels=kernels
+        ),
+    )
+    linears = EngineLinears(TiedModel(), 2, kernels="auto")
+    assert "packed" not in timed and set(timed) == {"linear", "rows"}
+    assert linears.packed_bytes == 0
+    with pytest.raises(ValueError, match="oneDNN"):
+        EngineLinears(TiedModel(), 2, kernels="packed")
+
+
+def test_onednn_packing_is_available_on_this_build() -> None:
+    """The pinned torch has it; if a build ever lacks it, the engine falls back (test above)."""
+    assert linear_kernels.packing_available()
