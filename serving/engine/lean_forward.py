@@ -22,8 +22,8 @@ architecture it takes). Anything it does not know is left to transformers: `supp
 reason, and the runner then calls the backbone's forward as before. Known layers: Llama,
 Mistral and Qwen2 decoder layers; their linear layers may be of any module type (a quantized or
 an adapter layer is called as a module). Interleaved with transformers' forward on host B
-(`benchmarks/engine_ab.py`) its decode steps took 0.865x the time with one sequence and 0.95x
-with 16.
+(`benchmarks/engine_ab.py`) its decode steps took 0.82-0.87x the time with one sequence and
+0.87-0.95x with 16.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ weight matrix, and on CPU how fast that runs depends on the machine, not only on
   one `bmm`: 36-42 GB/s with one row on host A, but ~8 GB/s on host B.
 - "packed": oneDNN's inner product over a copy of each weight packed once into oneDNN's blocked
   layout (what inductor's CPU weight freezing does). MKL's float32 `mm` is far from both bounds
-  with a few rows (8 rows cost about twice one on host B); through packed weights a decode step
-  of 16 sequences took 0.88x the time on host B (interleaved with `linear`, and the batching
-  workload ran 1.18x faster, with the same greedy tokens). With one row it is slower than
+  with a few rows (8 rows cost 2-2.5x one on host B); through packed weights decode steps of 8
+  and 16 sequences took 0.76x and 0.84x the time on host B (`benchmarks/engine_ab.py`,
+  interleaved with `linear`), with the same greedy tokens. With one row it is slower than
   `linear`. The cost is the packed copy, as large as the weights; when "auto" does not pick it
   at any size the copies are dropped at once.
 
