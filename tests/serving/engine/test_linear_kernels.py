@@ -372,3 +372,14 @@ def test_without_onednn_packed_is_never_timed_and_refused_when_asked(monkeypatch
 def test_onednn_packing_is_available_on_this_build() -> None:
     """The pinned torch has it; if a build ever lacks it, the engine falls back (test above)."""
     assert linear_kernels.packing_available()
+
+
+def test_the_packed_kernel_reads_the_packed_copy() -> None:
+    model = TiedModel()
+    EngineLinears(model, 2, kernels="packed")
+    product = model.proj.engine_product
+    x = torch.randn(4, 8)
+    doubled = 2 * product.weight
+    product.packed = torch.ops.mkldnn._reorder_linear_weight(doubled, None)
+    with torch.no_grad():
+        torch.testing.assert_close(model.proj(x), x @ doubled.T + model.proj.bias)
