@@ -5,9 +5,8 @@ cheaper; this measures that curve on the embedded default (median of timed decod
 the prompts are in) through transformers' forward with torch's own linear layers, with each of
 the engine's linear kernels (serving/engine/linear_kernels.py) and with its start-up choice
 ("auto"), then the default engine (its own forward, serving/engine/lean_forward.py), and the
-language-model
-head's matrix-vector product four ways, since on a CPU that single 49152 x 576 product is a
-large share of a one-sequence step.
+language-model head's matrix-vector product four ways, since on a CPU that single 49152 x 576
+product is a large share of a one-sequence step.
 
     python benchmarks/engine_step_time.py [--batches 1,2,4,8,16] [--out results.json]
 """

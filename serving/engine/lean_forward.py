@@ -53,9 +53,8 @@ def supports(language_model: nn.Module) -> str | None:
     body = getattr(language_model, "model", None)
     if body is None or not hasattr(body, "layers") or not hasattr(body, "rotary_emb"):
         return "no decoder body with layers and a rotary embedding"
-    for name in ("norm",):
-        if type(getattr(body, name, None)).__name__ not in RMS_NORMS:
-            return f"final norm is not one of {RMS_NORMS}"
+    if type(getattr(body, "norm", None)).__name__ not in RMS_NORMS:
+        return f"final norm is not one of {RMS_NORMS}"
     if not isinstance(getattr(language_model, "lm_head", None), nn.Module):
         return "no lm_head"
     for layer in body.layers:
@@ -73,14 +72,13 @@ def supports(language_model: nn.Module) -> str | None:
 
 
 def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """LlamaRMSNorm.forward, the same ops in the same order, without the module call."""
-    if x.dtype == torch.float32:
-        variance = x.pow(2).mean(-1, keepdim=True)
-        return norm.weight * (x * torch.rsqrt(variance + norm.variance_epsilon))
+    """LlamaRMSNorm.forward, the same ops in the same order, without the module call (and
+    without its casts where x is float32 already: each is a dispatch per norm)."""
     dtype = x.dtype
-    x = x.to(torch.float32)
-    variance = x.pow(2).mean(-1, keepdim=True)
-    return norm.weight * (x * torch.rsqrt(variance + norm.variance_epsilon)).to(dtype)
+    if dtype != torch.float32:
+        x = x.to(torch.float32)
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * (normed if dtype == torch.float32 else normed.to(dtype))
 
 
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:

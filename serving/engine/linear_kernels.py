@@ -226,9 +226,10 @@ class EngineLinears:
                 if self._eligible(layer) and id(layer) not in grouped:
                     self._install(_Product([layer], parts))
         self.num_stacked = sum(p.stacked for p in self.products)
-        if kernels == "packed" and not packing_available():
+        can_pack = packing_available()
+        if kernels == "packed" and not can_pack:
             raise ValueError("the packed kernel needs a torch build with oneDNN (mkldnn)")
-        candidates = [k for k in KERNELS if k != "packed" or packing_available()]
+        candidates = [k for k in KERNELS if k != "packed" or can_pack]
         if kernels in ("auto", "packed") and "packed" in candidates:
             with torch.no_grad():
                 for product in self.products:
@@ -298,7 +299,6 @@ class EngineLinears:
                     del layer.forward, layer.engine_product, layer.engine_linears
                     if product.stacked:
                         layer.weight.data = layer.weight.data.clone()  # savable on its own again
-            for product in self.products:
                 product.packed = None
         self.products, self.layers = [], []
 

@@ -56,7 +56,7 @@ def mmca_masks(
 def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Softmax over visible keys; rows with no visible key are all zeros instead of NaN."""
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-    return probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+    return probs.masked_fill(_sees_no_key(mask), 0.0)
 
 
 def mmca_attention(
@@ -88,10 +88,7 @@ def mmca_attention(
     if training and (dropout > 0.0 or query.device.type == "cpu"):
         return _mmca_attention_eager(query, key, value, text_part, image_part, scaling, dropout)
     if empty is None:
-        empty = (
-            ~text_part.any(dim=-1, keepdim=True),
-            None if image_part is None else ~image_part.any(dim=-1, keepdim=True),
-        )
+        empty = (_sees_no_key(text_part), None if image_part is None else _sees_no_key(image_part))
     out = _masked_sdpa(query, key, value, text_part, scaling, empty[0])
     if image_part is not None:
         out = out + _masked_sdpa(query, key, value, image_part, scaling, empty[1])
@@ -101,8 +98,12 @@ def mmca_attention(
 def empty_rows(mask: torch.Tensor) -> torch.Tensor | None:
     """The rows of an attention mask (..., q, k) that see no key, as (..., q, 1) bool; None when
     every row sees one, so the fill can be skipped (decode rows always see themselves)."""
-    empty = ~mask.any(dim=-1, keepdim=True)
+    empty = _sees_no_key(mask)
     return empty if bool(empty.any()) else None
+
+
+def _sees_no_key(mask: torch.Tensor) -> torch.Tensor:
+    return ~mask.any(dim=-1, keepdim=True)  # (..., q, 1) True where a row sees no key
 
 
 def _masked_sdpa(
