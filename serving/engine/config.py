@@ -32,6 +32,12 @@ class EngineConfig:
     # instead of transformers' modules: the same arithmetic without their per-call overhead.
     # False: transformers' forward for every backbone, for comparison.
     lean_forward: bool = True
+    # Decode steps keep the running sequences' keys and values gathered from the paged cache
+    # between steps and append each step's new ones (serving/engine/decode_mirror.py), for
+    # groups of up to this many positions (sequences x (longest context + 32)); 0: gather in
+    # every layer of every step. The memory is that many positions of keys and values in
+    # every layer: 377 MB for the embedded default's 8,192.
+    decode_mirror_tokens: int = 8192
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -52,6 +58,10 @@ class EngineConfig:
             raise ValueError(
                 f"linear_kernels must be None, 'auto' or one of {KERNELS}, "
                 f"got {self.linear_kernels!r}"
+            )
+        if self.decode_mirror_tokens < 0:
+            raise ValueError(
+                f"decode_mirror_tokens must be non-negative, got {self.decode_mirror_tokens}"
             )
         if self.target_step_ms <= 0:
             raise ValueError(f"target_step_ms must be positive, got {self.target_step_ms}")

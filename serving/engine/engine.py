@@ -60,7 +60,11 @@ class Engine:
         )
         self.blocks = BlockManager(self.config.resolved_num_blocks, self.config.block_size)
         self.runner = ModelRunner(
-            model, self.blocks, self.config.linear_kernels, self.config.lean_forward
+            model,
+            self.blocks,
+            self.config.linear_kernels,
+            self.config.lean_forward,
+            self.config.decode_mirror_tokens,
         )
         self.image_cache = ImageFeatureCache(self.config.image_cache_entries)
         self.stop_ids = stop_token_ids(model, tokenizer)
@@ -170,6 +174,7 @@ class Engine:
         if plan.is_empty:
             if self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("requests wait but nothing runs: the scheduler is stuck")
+            self.runner.mirror.clear()  # e.g. the last request was aborted
             return []
         for chunk in plan.chunks:
             self.runner.ensure_image_features(chunk.request, self._encode)
@@ -193,6 +198,8 @@ class Engine:
                 else sample_next_token(logits[row], chunk.request.params, chunk.request.generator)
             )
             outputs.append(self._on_token(chunk, token_id))
+        if not self.scheduler.has_work:
+            self.runner.mirror.clear()  # idle: hold no copies of finished sequences' keys
         return outputs
 
     def _encode(self, request: Request) -> torch.Tensor | None:

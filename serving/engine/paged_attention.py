@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AttentionInterface
 
+from serving.engine.decode_mirror import DecodeMirror
 from visualchat.model.attention import TEXT, empty_rows, mmca_attention, mmca_masks
 
 PAGED_ATTENTION = "visualchat_paged"
@@ -67,6 +68,9 @@ class AttentionGroup:
     out_rows: torch.Tensor  # (n,) flat-batch rows of the real queries
     out_index: torch.Tensor | None  # (n,) their places among the b * q padded ones; None: all
     rows_in_order: bool  # out_rows is 0, 1, ..., n - 1
+    # A decode group's keys and values kept gathered between steps (see decode_mirror); None:
+    # gathered from the slots in every layer.
+    mirror: DecodeMirror | None = None
 
 
 @dataclass
@@ -186,9 +190,15 @@ def paged_attention(
     outputs = []  # (group, attended rows) per group
     for group in batch.groups:
         b, num_q, num_k = group.text_part.shape[0], group.num_queries, group.num_keys
-        k = keys.index_select(0, group.key_slots).view(b, num_k, kv_heads, head_dim)
-        v = values.index_select(0, group.key_slots).view(b, num_k, kv_heads, head_dim)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (b, kv_heads, k, d)
+        if group.mirror is not None:  # one query per sequence: its key and value are new
+            rows = slice(0, b) if group.query_prefix else group.query_index
+            k, v = group.mirror.keys_values(
+                layer, keys, values, key[rows].to(keys.dtype), value[rows].to(keys.dtype), num_k
+            )  # (b, kv_heads, k, d)
+        else:
+            k = keys.index_select(0, group.key_slots).view(b, num_k, kv_heads, head_dim)
+            v = values.index_select(0, group.key_slots).view(b, num_k, kv_heads, head_dim)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (b, kv_heads, k, d)
         if k.dtype != query.dtype:
             k, v = k.to(query.dtype), v.to(query.dtype)
         # Query head h uses kv head h // shared: fold each kv head's query heads into its rows,

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from serving.engine import lean_forward as lean
+from serving.engine.decode_mirror import DecodeMirror
 from serving.engine.kv_cache import BlockManager
 from serving.engine.linear_kernels import EngineLinears
 from serving.engine.paged_attention import (
@@ -30,6 +31,7 @@ class ModelRunner:
         blocks: BlockManager,
         linear_kernels: str | None = "auto",
         lean_forward: bool = True,
+        decode_mirror_tokens: int = 0,
     ) -> None:
         self.model = model
         self.blocks = blocks
@@ -54,6 +56,7 @@ class ModelRunner:
             dtype=model.dtype,
             device=model.device,
         )
+        self.mirror = DecodeMirror(lm_config.num_hidden_layers, num_kv_heads, decode_mirror_tokens)
         # The runner borrows the model: it switches the backbone to paged attention for its
         # lifetime and `release` gives the model back with the attention it came with.
         self.model_attention = model.config.attention
@@ -83,6 +86,7 @@ class ModelRunner:
         """Restore the model's own attention; the runner must not execute afterwards."""
         self.model.set_attention(self.model_attention)
         self.lean = None
+        self.mirror.clear()
         if self.linears is not None:
             self.linears.release()
             self.linears = None
@@ -101,6 +105,7 @@ class ModelRunner:
         slots: list[int] = []
         image_rows: list[tuple[int, Request, int, int]] = []  # (row, request, image, offset)
         decode_group: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        decode_ids: list[str] = []
         prefill_groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         sample_rows: list[int] = []
         for chunk in chunks:
@@ -121,14 +126,23 @@ class ModelRunner:
             slots.extend(key_slots[chunk.start :].tolist())
             rows = torch.arange(first_row, len(token_ids))
             entry = (rows, torch.arange(chunk.start, end), key_slots)
-            (decode_group if chunk.num_tokens == 1 else prefill_groups).append(entry)
+            if chunk.num_tokens == 1:
+                decode_group.append(entry)
+                decode_ids.append(request.request_id)
+            else:
+                prefill_groups.append(entry)
             if chunk.samples:
                 sample_rows.append(len(token_ids) - 1)
         new_slots = torch.tensor(slots, device=device)
         self.store.tags[new_slots] = torch.tensor(tags, device=device)
         batch = PagedBatch(store=self.store, new_slots=new_slots, mmca=self.mmca)
         if decode_group:
-            batch.groups.append(self._group(decode_group))
+            group = self._group(decode_group)
+            if self.mirror.plan(tuple(decode_ids), [slots for _, _, slots in decode_group]):
+                group.mirror = self.mirror
+            batch.groups.append(group)
+        else:
+            self.mirror.clear()  # nothing decodes: hold no copies
         for entry in prefill_groups:
             batch.groups.append(self._group([entry]))
         embeds = self._embed(token_ids, tags, image_rows)  # (num_tokens, hidden)

@@ -16,6 +16,7 @@ from engine_testing import (
     run_engine,
 )
 
+from serving.engine.decode_mirror import HEADROOM
 from visualchat.sampling import SamplingParams
 
 
@@ -61,6 +62,11 @@ def test_greedy_engine_output_equals_the_reference_decoder(
         assert result == reference_output(i, GREEDY, attention), f"request {i}"
     assert_cache_empty(engine)
     assert engine.image_cache.num_encoded == 4
+    # Decode groups read their keys from the mirror, appended to step by step, and the runner
+    # holds no copies once nothing decodes.
+    mirror = engine.runner.mirror
+    assert mirror.num_appends > mirror.num_gathers > 0
+    assert mirror.num_bytes == 0
     prompt_chunks = [
         (start, num, request.num_prompt_tokens)
         for plan in plans
@@ -85,6 +91,31 @@ def test_greedy_engine_output_equals_the_reference_decoder(
             ]
         else:
             assert len(first) == fitting
+
+
+@pytest.mark.parametrize("mirror_tokens", [0, 300])
+def test_decode_groups_gathered_every_step_or_now_and_then_still_match(
+    mirror_tokens: int,
+) -> None:
+    """0: no mirror, every decode group gathered from the slots in every layer; 300: the
+    mirror takes the group while it is small and lets it go when it grows past the limit."""
+    engine = make_engine("mmca", max_num_batched_tokens=13, decode_mirror_tokens=mirror_tokens)
+    sizes = []  # (positions the mirror would hold, whether it holds them) per decode pass
+    plan = engine.runner.mirror.plan
+
+    def recording_plan(members, key_slots):
+        taken = plan(members, key_slots)
+        sizes.append((len(members) * (max(len(s) for s in key_slots) + HEADROOM), taken))
+        return taken
+
+    engine.runner.mirror.plan = recording_plan
+    results, _ = run_engine(engine, [(c, GREEDY) for c in WORKLOAD])
+    for i, result in enumerate(results):
+        assert result == reference_output(i, GREEDY)
+    assert all(taken == (size <= mirror_tokens) for size, taken in sizes)
+    if mirror_tokens:
+        assert {taken for _, taken in sizes} == {True, False}
+    assert_cache_empty(engine)
 
 
 def test_a_budget_of_one_token_still_matches() -> None:
