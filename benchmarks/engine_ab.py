@@ -9,12 +9,18 @@ all. Printed: the median step of each and its ratio to the first, per number of 
 sequences.
 
     python benchmarks/engine_ab.py [--variants lean,transformers] [--sequences 1,16]
-        [--steps 100] [--rounds 3] [--out r.json]
+        [--steps 100] [--rounds 3] [--words N] [--out r.json]
+
+The requests are the batching bench's image chats (~47 prompt tokens each), or with --words N
+text prompts of N words (N=1500 is ~1,520 tokens): long contexts, where attention's share of a
+step grows.
 
 Variants: lean (the default engine), lean_linear (the same, torch's `linear` at every pass
 size instead of the kernels chosen at start-up), transformers (transformers' forward),
 torch_layers (transformers' forward, torch's own layers), engine_linear (transformers' forward
-through the engine's `linear` kernel).
+through the engine's `linear` kernel), lean_gather (the default engine without the decode
+mirror: every decode group gathered from the paged cache in every layer, see
+serving/engine/decode_mirror.py).
 """
 
 from __future__ import annotations
@@ -37,12 +43,19 @@ VARIANTS: dict[str, dict] = {  # EngineConfig fields of each variant
     "transformers": {"lean_forward": False},
     "torch_layers": {"lean_forward": False, "linear_kernels": None},
     "engine_linear": {"lean_forward": False, "linear_kernels": "linear"},
+    "lean_gather": {"decode_mirror_tokens": 0},
 }
 
 
-def interleaved_steps(engines: dict[str, Engine], sequences: int, steps: int, rounds: int):
+def interleaved_steps(
+    engines: dict[str, Engine], sequences: int, steps: int, rounds: int, words: int = 0
+):
     """Median decode-step seconds of each engine, the engines stepping in turns."""
-    chats = wl.image_chats(sequences, 5)
+    chats = (
+        [wl.long_prompt_chat(words, seed) for seed in range(sequences)]
+        if words
+        else wl.image_chats(sequences, 5)
+    )
     times: dict[str, list[float]] = {name: [] for name in engines}
     params = SamplingParams(max_tokens=steps + 20, ignore_eos=True)
     for _ in range(rounds):
@@ -68,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sequences", default="1,16")
     parser.add_argument("--steps", type=int, default=100, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--words", type=int, default=0, help="text prompts of this many words")
     parser.add_argument("--out", default=None, help="also write the results here (JSON)")
     args = parser.parse_args(argv)
     names = args.variants.split(",")
@@ -85,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     results = {}
     for sequences in (int(n) for n in args.sequences.split(",")):
-        medians = interleaved_steps(engines, sequences, args.steps, args.rounds)
+        medians = interleaved_steps(engines, sequences, args.steps, args.rounds, args.words)
         results[str(sequences)] = medians
         first = medians[names[0]]
         print(
@@ -96,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     if args.out is not None:
-        atomic_write_json(args.out, {"variants": names, "step_seconds_median": results})
+        atomic_write_json(
+            args.out,
+            {"variants": names, "words": args.words, "step_seconds_median": results},
+        )
     return 0
 
 
