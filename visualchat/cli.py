@@ -199,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the batching part also runs the engine with this token budget, for throughput "
         "(0: only the engine's own pick)",
     )
+    serving.add_argument(
+        "--batching-rounds",
+        type=int,
+        default=3,
+        help="batching: rounds of the engine and HF's static batch taking turns (medians quoted)",
+    )
     serving.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     serving.set_defaults(run=cmd_bench_serving)
     quant = bench_kinds.add_parser(
@@ -472,7 +478,11 @@ def cmd_bench_serving(args: argparse.Namespace) -> int:
         splitfuse_workload=args.splitfuse_workload,
         splitfuse_budget=args.budget,
         batching_budget=args.batching_budget or None,
+        batching_rounds=args.batching_rounds,
     )
+    if args.batching_rounds < 1:
+        print("error: --batching-rounds must be positive", file=sys.stderr)
+        return 2
     if args.arrival_rate is not None and args.arrival_rate <= 0:
         print("error: --arrival-rate must be positive", file=sys.stderr)
         return 2
@@ -485,7 +495,7 @@ def cmd_bench_serving(args: argparse.Namespace) -> int:
         cfg.num_long_prompts, cfg.long_prompt_words, cfg.stream_tokens = 1, 200, 16
         cfg.fastgen_requests, cfg.fastgen_tokens = 2, 8
         cfg.curve_rates, cfg.curve_requests, cfg.single_stream_tokens = (1.0,), 2, 8
-        cfg.single_stream_rounds = 2
+        cfg.single_stream_rounds, cfg.batching_rounds = 2, 1
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     unknown = set(parts) - {"batching", "splitfuse", "single_stream", "curve"}
     if unknown:

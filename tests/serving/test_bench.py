@@ -45,6 +45,7 @@ def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> BenchConfig:
         stream_tokens=6,
         splitfuse_budget=16,
         batching_budget=8,
+        batching_rounds=2,
         fastgen_requests=4,  # the mixed workload has 3 requests: the counts tell them apart
         fastgen_rate=20.0,
         fastgen_tokens=4,
@@ -65,9 +66,19 @@ def test_every_part_runs_and_the_engine_matches_the_reference(tiny_config: Bench
         # The same engine at the throughput budget: its own figures, the same tokens.
         assert batching["throughput_budget"]["budget"] == 8
         assert batching["throughput_budget"]["engine_equals_reference_greedy"] is True
-        assert batching["throughput_budget"]["engine_vs_hf_static"] == pytest.approx(
-            batching["throughput_budget"]["engine_tok_s"] / batching["hf_static_tok_s"]
-        )
+        # Rounds: each engine ratio is the median of its rounds' ratios to the HF run beside it.
+        for figures in (batching, batching["throughput_budget"]):
+            engine_runs, hf_runs = (
+                figures["engine_rounds_tok_s"],
+                batching["hf_static_rounds_tok_s"],
+            )
+            assert len(engine_runs) == len(hf_runs) == 2
+            assert figures["engine_vs_hf_static_rounds"] == pytest.approx(
+                [e / h for e, h in zip(engine_runs, hf_runs, strict=True)]
+            )
+            assert figures["engine_vs_hf_static"] == pytest.approx(
+                statistics.median(figures["engine_vs_hf_static_rounds"])
+            )
     kernels = results["linear_kernels"]  # what the engine timed and chose on this machine
     assert set(kernels["by_rows"]) == set(kernels["pass_seconds"]) == {"1", "8", "64"}
     single = results["single_stream"]
@@ -130,6 +141,10 @@ def test_the_cli_passes_the_budget_and_workload_to_the_bench(
     assert parts == ("splitfuse",) and with_budget.splitfuse_workload == "fastgen"
     assert with_budget.splitfuse_budget == 32 and default.splitfuse_budget is None
     assert default.batching_budget == 256 and no_batching_budget.batching_budget is None
+    assert default.batching_rounds == 3
+    assert main([*argv, "--batching-rounds", "1", "--out-dir", str(tmp_path)]) == 0
+    assert seen[-1][0].batching_rounds == 1
+    assert main([*argv, "--batching-rounds", "0", "--out-dir", str(tmp_path)]) == 2
     assert default.long_prompt_rate == BenchConfig.long_prompt_rate
 
 
@@ -201,10 +216,10 @@ def test_every_batching_system_is_warmed_up_on_other_images_first(
     ]
     # ... on images none of the timed requests uses (their features are not cached for them).
     assert all(not (images & timed_images) for _, _, images in calls[:first_timed])
-    # Then each scenario times the two engines, HF static and sequential on all 3 chats.
+    # Then each scenario times the two engines and HF static in turns, a round at a time, and
+    # sequential once, on all 3 chats.
+    one_round = ["run_engine", "run_engine", "run_hf_static"]
     assert [name for name, _, _ in calls[first_timed:]] == 2 * [
-        "run_engine",
-        "run_engine",
-        "run_hf_static",
+        *(tiny_config.batching_rounds * one_round),
         "run_sequential",
     ]
