@@ -115,6 +115,22 @@ def set_max_tokens(page, value: int) -> None:
     raise AssertionError(f"the max-tokens slider did not keep {value}")
 
 
+def hover_last_reply(page) -> None:
+    """Hover the last reply to show its buttons. Right after Stop, Gradio's status overlay can
+    still cover the chat for a moment and take the pointer (seen once, in a cold clean-clone
+    run, for longer than one hover waits): hover again until the reply itself gets it."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+    def hovered() -> bool:
+        try:
+            page.locator("[data-testid='bot']").last.hover(timeout=2000)
+        except PlaywrightTimeoutError:
+            return False
+        return True
+
+    wait_until(hovered, timeout=90.0)
+
+
 def test_chat_in_the_browser(served: tuple[str, EngineLoop], tmp_path: Path) -> None:
     sync_playwright = require_browser()
     url, loop = served
@@ -162,7 +178,7 @@ def test_chat_in_the_browser(served: tuple[str, EngineLoop], tmp_path: Path) -> 
 
             # Retry the stopped reply, short this time: the same question, a new complete reply
             set_max_tokens(page, SHORT)
-            page.locator("[data-testid='bot']").last.hover()
+            hover_last_reply(page)
             page.get_by_role("button", name="Retry").last.click()
             retried = watch_reply(page, 3)
             assert retried[-1] and len(bot_texts(page)) == 3
