@@ -56,7 +56,7 @@ class ModelRunner:
             dtype=model.dtype,
             device=model.device,
         )
-        self.mirror = DecodeMirror(lm_config.num_hidden_layers, num_kv_heads, decode_mirror_tokens)
+        self.mirror = DecodeMirror(lm_config.num_hidden_layers, decode_mirror_tokens)
         # The runner borrows the model: it switches the backbone to paged attention for its
         # lifetime and `release` gives the model back with the attention it came with.
         self.model_attention = model.config.attention

@@ -54,7 +54,7 @@ class Cache:
 
 
 def test_appends_while_the_group_only_grows_and_gathers_on_any_other_change() -> None:
-    cache, mirror = Cache(), DecodeMirror(num_layers=1, num_kv_heads=KV_HEADS, max_tokens=4096)
+    cache, mirror = Cache(), DecodeMirror(num_layers=1, max_tokens=4096)
     cache.grow("a", 20)  # prompts already in the cache
     cache.grow("b", 5)
     counts = []
@@ -88,7 +88,7 @@ def test_appends_while_the_group_only_grows_and_gathers_on_any_other_change() ->
 def test_a_group_over_the_limit_is_not_mirrored_and_nothing_is_held() -> None:
     cache = Cache()
     limit = 2 * (30 + HEADROOM)
-    mirror = DecodeMirror(num_layers=1, num_kv_heads=KV_HEADS, max_tokens=limit)
+    mirror = DecodeMirror(num_layers=1, max_tokens=limit)
     cache.grow("a", 28)
     cache.grow("b", 28)
     assert cache.step(mirror, ("a", "b"))  # 29 positions each: within the limit
@@ -96,16 +96,16 @@ def test_a_group_over_the_limit_is_not_mirrored_and_nothing_is_held() -> None:
     assert cache.step(mirror, ("a", "b"))  # 30
     assert not cache.step(mirror, ("a", "b"))  # 31: over it
     assert mirror.num_bytes == 0 and mirror.members == ()
-    assert not DecodeMirror(1, KV_HEADS, max_tokens=0).plan(("a",), [torch.arange(3)])
+    assert not DecodeMirror(1, max_tokens=0).plan(("a",), [torch.arange(3)])
 
 
 def test_negative_limits_are_refused() -> None:
     with pytest.raises(ValueError, match="non-negative"):
-        DecodeMirror(1, KV_HEADS, max_tokens=-1)
+        DecodeMirror(1, max_tokens=-1)
 
 
 def test_a_swap_of_two_members_with_equal_lengths_gathers() -> None:
-    cache, mirror = Cache(), DecodeMirror(num_layers=1, num_kv_heads=KV_HEADS, max_tokens=4096)
+    cache, mirror = Cache(), DecodeMirror(num_layers=1, max_tokens=4096)
     cache.grow("x", 10)
     cache.grow("y", 10)
     assert cache.step(mirror, ("x", "y"))
@@ -133,7 +133,7 @@ def test_paged_attention_through_the_mirror_equals_the_gather_even_off_the_front
         store.keys[0].copy_(prompt_keys)
         store.values[0].copy_(prompt_values)
         store.tags.copy_(tags)
-    mirror = DecodeMirror(num_layers=1, num_kv_heads=KV_HEADS, max_tokens=4096)
+    mirror = DecodeMirror(num_layers=1, max_tokens=4096)
     for a_len, b_len in ((5, 3), (6, 4)):  # each member one position further
         key_slots = [torch.tensor(slots["a"][:a_len]), torch.tensor(slots["b"][:b_len])]
         new_slots = torch.tensor([slots["a"][a_len - 1], *slots["other"], slots["b"][b_len - 1]])
