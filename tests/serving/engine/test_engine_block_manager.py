@@ -103,6 +103,7 @@ def test_engine_config_resolves_the_cache_size() -> None:
         ({"max_num_seqs": 0}, "max_num_seqs must be positive, got 0"),
         ({"min_budget": 64, "max_budget": 32}, "min_budget <= max_budget"),
         ({"target_step_ms": 0}, "target_step_ms must be positive"),
+        ({"decode_mirror_tokens": -1}, "decode_mirror_tokens must be non-negative, got -1"),
     ],
 )
 def test_engine_config_validates_at_construction(kwargs: dict, message: str) -> None:
