@@ -37,9 +37,9 @@ HEADROOM = 32
 
 class DecodeMirror:
     """The current decode group's keys and values per layer, (b, room, kv_heads, head_dim): the
-    cache's own slot-major layout, so a gather is one contiguous `index_select` (a head-major
-    copy took 1.8x as long to make, or 4.7x gathered along a permuted view, and SDPA read it no
-    faster; measured on host B)."""
+    cache's own slot-major layout, so a gather is one contiguous `index_select`. A head-major
+    copy took 1.2-1.8x as long to make, or 4.0-4.7x gathered along a permuted view, and SDPA
+    read it no faster (host B, `benchmarks/mirror_layout.py`)."""
 
     def __init__(self, num_layers: int, max_tokens: int) -> None:
         if max_tokens < 0:
