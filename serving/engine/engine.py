@@ -162,6 +162,7 @@ class Engine:
             return False
         request.finish_reason = "abort"
         self.scheduler.finish(request)
+        self._hold_nothing_when_idle()  # the loop steps no idle engine: clear here, not there
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -174,7 +175,6 @@ class Engine:
         if plan.is_empty:
             if self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("requests wait but nothing runs: the scheduler is stuck")
-            self.runner.mirror.clear()  # e.g. the last request was aborted
             return []
         for chunk in plan.chunks:
             self.runner.ensure_image_features(chunk.request, self._encode)
@@ -198,9 +198,12 @@ class Engine:
                 else sample_next_token(logits[row], chunk.request.params, chunk.request.generator)
             )
             outputs.append(self._on_token(chunk, token_id))
-        if not self.scheduler.has_work:
-            self.runner.mirror.clear()  # idle: hold no copies of finished sequences' keys
+        self._hold_nothing_when_idle()
         return outputs
+
+    def _hold_nothing_when_idle(self) -> None:
+        if not self.scheduler.has_work:
+            self.runner.mirror.clear()  # no copies of finished sequences' keys
 
     def _encode(self, request: Request) -> torch.Tensor | None:
         return self.image_cache.features(self.model, request.inputs)

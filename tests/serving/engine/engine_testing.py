@@ -158,6 +158,7 @@ def assert_cache_empty(engine: Engine) -> None:
     assert list(engine.scheduler.waiting) == []
     assert engine.scheduler.running == []
     assert not engine.has_unfinished_requests()
+    assert engine.runner.mirror.num_bytes == 0  # no copies of finished sequences' keys
 
 
 def record_plans(engine: Engine) -> list[list[tuple[Request, int, int]]]:

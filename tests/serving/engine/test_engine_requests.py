@@ -153,6 +153,17 @@ def test_abort_mid_decode_frees_blocks_and_the_others_carry_on() -> None:
     assert_cache_empty(engine)
 
 
+def test_aborting_the_last_decoding_request_drops_the_mirror_at_once() -> None:
+    """An engine loop steps no idle engine, so the abort itself lets the copies go."""
+    engine = make_engine()
+    request_id = engine.add_request(WORKLOAD[1], GREEDY)
+    while len(engine.requests[request_id].output_ids) < 3:
+        engine.step()
+    assert engine.runner.mirror.num_bytes > 0  # decoding through the mirror
+    assert engine.abort(request_id) is True
+    assert_cache_empty(engine)
+
+
 def test_abort_of_a_waiting_request_takes_it_off_the_queue() -> None:
     engine = make_engine(max_num_seqs=1)
     first = engine.add_request(WORKLOAD[0], GREEDY)
