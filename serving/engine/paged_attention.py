@@ -9,8 +9,9 @@ written into their cache slots, then every sequence attends over its own cached 
 gathered by block table: all single-token decodes as one padded batch, each prompt chunk on its
 own. The modality tag of every cached position is kept in a slot-aligned tensor beside the
 blocks, so MMCA's rule (image rows within their image; text rows as text softmax + image
-softmax) holds across chunk boundaries, even when a chunk splits an image span. The math is `visualchat.model.attention`'s,
-so greedy output equals the reference decoder's.
+softmax) holds across chunk boundaries, even when a chunk splits an image span. The math is
+`visualchat.model.attention`'s, so greedy output equals the reference decoder's. A decode group
+may read its keys from the decode mirror instead of gathering them (`decode_mirror`).
 """
 
 from __future__ import annotations
