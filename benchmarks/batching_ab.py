@@ -14,17 +14,14 @@ Variants are `engine_ab.py`'s (EngineConfig fields).
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 
-from engine_ab import VARIANTS
+from engine_ab import VARIANTS, variant_engines
 
 from serving.bench import workloads as wl
 from serving.bench.run import BenchConfig, batching_workload
-from serving.engine import Engine, EngineConfig
 from visualchat.atomic import atomic_write_json
-from visualchat.model import loading
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,15 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if set(names) - set(VARIANTS) or len(names) < 2 or args.scenario not in scenarios:
         parser.error(f"need two or more variants of {list(VARIANTS)} and a known scenario")
     lengths = scenarios[args.scenario]
-    model, tokenizer = loading.load_embedded_default(loading.LoadOptions())
-    engines = {
-        name: Engine(
-            copy.deepcopy(model),
-            tokenizer,
-            EngineConfig(max_num_batched_tokens=args.budget, **VARIANTS[name]),
-        )
-        for name in names
-    }
+    engines = variant_engines(names, args.budget)
     warm_up = wl.image_chats(2, 1)
     for engine in engines.values():
         wl.run_engine(engine, warm_up, [4, 4])  # first-pass allocations, untimed

@@ -47,6 +47,19 @@ VARIANTS: dict[str, dict] = {  # EngineConfig fields of each variant
 }
 
 
+def variant_engines(names: list[str], budget: int) -> dict[str, Engine]:
+    """An engine per variant, each over its own copy of the embedded default."""
+    model, tokenizer = loading.load_embedded_default(loading.LoadOptions())
+    return {
+        name: Engine(
+            copy.deepcopy(model),
+            tokenizer,
+            EngineConfig(max_num_batched_tokens=budget, **VARIANTS[name]),
+        )
+        for name in names
+    }
+
+
 def interleaved_steps(
     engines: dict[str, Engine], sequences: int, steps: int, rounds: int, words: int = 0
 ):
@@ -88,15 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(names) - set(VARIANTS)
     if unknown or len(names) < 2:
         parser.error(f"need two or more variants of {list(VARIANTS)}, got {args.variants!r}")
-    model, tokenizer = loading.load_embedded_default(loading.LoadOptions())
-    engines = {
-        name: Engine(
-            copy.deepcopy(model),
-            tokenizer,
-            EngineConfig(max_num_batched_tokens=512, **VARIANTS[name]),
-        )
-        for name in names
-    }
+    engines = variant_engines(names, budget=512)
     results = {}
     for sequences in (int(n) for n in args.sequences.split(",")):
         medians = interleaved_steps(engines, sequences, args.steps, args.rounds, args.words)
