@@ -54,7 +54,7 @@ class DecodeMirror:
         # (b,) rows of the flattened (b * room, kv_heads, d) mirror that this pass's keys go to,
         # set when it appends: member i's new position p_i at i * room + p_i
         self.append_at: torch.Tensor | None = None
-        self.num_gathers = 0  # passes that gathered (for tests and logs)
+        self.num_gathers = 0  # passes that gathered (counted for the tests)
         self.num_appends = 0  # passes that appended
 
     def plan(self, members: tuple[str, ...], key_slots: list[torch.Tensor]) -> bool:
