@@ -20,7 +20,8 @@ size instead of the kernels chosen at start-up), transformers (transformers' for
 torch_layers (transformers' forward, torch's own layers), engine_linear (transformers' forward
 through the engine's `linear` kernel), lean_gather (the default engine without the decode
 mirror: every decode group gathered from the paged cache in every layer, see
-serving/engine/decode_mirror.py).
+serving/engine/decode_mirror.py), lean_float (the default engine on float32 weights only: no
+block kernels, see serving/engine/block_kernels.py).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ VARIANTS: dict[str, dict] = {  # EngineConfig fields of each variant
     "torch_layers": {"lean_forward": False, "linear_kernels": None},
     "engine_linear": {"lean_forward": False, "linear_kernels": "linear"},
     "lean_gather": {"decode_mirror_tokens": 0},
+    "lean_float": {"block_kernels": False},
 }
 
 

@@ -28,6 +28,10 @@ class EngineConfig:
     # for each pass size; "linear" or "rows" uses one for every size; None leaves torch's own
     # layers alone.
     linear_kernels: str | None = "auto"
+    # Weights that are exactly a llama.cpp block format (a GGUF model's Q4_1 and Q8_0 tensors,
+    # as the embedded default's are) are also kept as those blocks, and "auto" times the block
+    # kernels (serving/engine/block_kernels.py) with the others. False: float32 weights only.
+    block_kernels: bool = True
     # Llama-family backbones (serving/engine/lean_forward.py) run the engine's own flat forward
     # instead of transformers' modules: the same arithmetic without their per-call overhead.
     # False: transformers' forward for every backbone, for comparison.

@@ -65,6 +65,7 @@ class Engine:
             self.config.linear_kernels,
             self.config.lean_forward,
             self.config.decode_mirror_tokens,
+            self.config.block_kernels,
         )
         self.image_cache = ImageFeatureCache(self.config.image_cache_entries)
         self.stop_ids = stop_token_ids(model, tokenizer)

@@ -49,9 +49,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from serving.engine import block_kernels
+from serving.engine.block_weights import BlockWeight
+
 logger = logging.getLogger(__name__)
 
-KERNELS = ("linear", "rows", "packed")
+KERNELS = ("linear", "rows", "packed", "blocks")
 # Pass sizes timed at start-up: a one-stream decode, a decode batch, a prompt chunk.
 TIMED_ROWS = (1, 8, 64)
 # Another kernel replaces torch's `linear` only when it is this much faster (a fraction of
@@ -147,15 +150,19 @@ class _Product:
         self.weight = storage  # (out, in)
         # "rows": (parts, out / parts, in), block p is output rows p*out/parts.. of the weight
         out_features = storage.shape[0]
-        self.blocks = (
+        self.row_parts = (
             storage.view(parts, -1, storage.shape[1]) if out_features % parts == 0 else None
         )
         self.packed: torch.Tensor | None = None  # oneDNN's blocked copy, for "packed"
+        self.block_weight: BlockWeight | None = None  # the exact block form, for "blocks"
         self.input: torch.Tensor | None = None
         self.outputs: dict[int, torch.Tensor] = {}
 
     def pack(self) -> None:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)
+
+    def find_blocks(self) -> None:
+        self.block_weight = BlockWeight.for_layers(self.weight, self.layers)
 
     @property
     def in_features(self) -> int:
@@ -167,9 +174,11 @@ class _Product:
             return rows.new_empty(0, self.weight.shape[0])
         if kernel == "packed" and self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(rows, self.packed, None, "none", [], "")
-        if kernel == "rows" and self.blocks is not None:
-            columns = rows.t().unsqueeze(0).expand(self.blocks.shape[0], -1, -1)  # (parts, in, m)
-            out = torch.bmm(self.blocks, columns)  # (parts, out / parts, m)
+        if kernel == "blocks" and self.block_weight is not None:
+            return self.block_weight.multiply(rows)
+        if kernel == "rows" and self.row_parts is not None:
+            columns = rows.t().unsqueeze(0).expand(self.row_parts.shape[0], -1, -1)  # (p, in, m)
+            out = torch.bmm(self.row_parts, columns)  # (parts, out / parts, m)
             return out.permute(2, 0, 1).reshape(rows.shape[0], self.weight.shape[0])  # (m, out)
         return torch.nn.functional.linear(rows, self.weight)
 
@@ -205,6 +214,8 @@ class EngineLinears:
 
     `kernels`: "auto" (time them here, see `choose_kernels`) or one of KERNELS for every size.
     `give_back`: under "auto", hand the layers back at once where `linear` wins at every size.
+    `blocks`: under "auto", also time the block kernels on the weights that are exactly a block
+    format (see block_weights.py).
     """
 
     def __init__(
@@ -214,6 +225,7 @@ class EngineLinears:
         kernels: str = "auto",
         fuse: Sequence[Sequence[str]] = FUSED_SIBLINGS,
         give_back: bool = True,
+        blocks: bool = True,
     ) -> None:
         if parts < 1:
             raise ValueError(f"need at least 1 part, got {parts}")
@@ -231,23 +243,36 @@ class EngineLinears:
         can_pack = packing_available()
         if kernels == "packed" and not can_pack:
             raise ValueError("the packed kernel needs a torch build with oneDNN (mkldnn)")
-        candidates = [k for k in KERNELS if k != "packed" or can_pack]
-        if kernels in ("auto", "packed") and "packed" in candidates:
+        if kernels == "blocks" and not block_kernels.available():
+            raise ValueError("the blocks kernel needs a C++ compiler to build it (see the log)")
+        candidates = [k for k in KERNELS if k not in ("packed", "blocks")]
+        if can_pack:
+            candidates.append("packed")
+        if kernels in ("auto", "packed") and can_pack:
             with torch.no_grad():
                 for product in self.products:
                     product.pack()
+        if (kernels == "blocks" or (kernels == "auto" and blocks)) and block_kernels.available():
+            for product in self.products:
+                product.find_blocks()
+            if any(product.block_weight is not None for product in self.products):
+                candidates.append("blocks")
         if kernels == "auto":
             self.choice, self.seconds = choose_kernels(self.products, kernels=candidates)
         else:
             self.choice, self.seconds = KernelChoice.always(kernels), {}
-        if "packed" not in self.choice.kernels:
-            for product in self.products:
-                product.packed = None  # not chosen at any size: no copy kept
+        for product in self.products:  # a copy not chosen at any size is not kept
+            if "packed" not in self.choice.kernels:
+                product.packed = None
+            if "blocks" not in self.choice.kernels:
+                product.block_weight = None
         logger.info(
-            "%d linear layers in %d products (%d sibling groups stacked); kernels by pass rows: %s",
+            "%d linear layers in %d products (%d sibling groups stacked, %d in block formats); "
+            "kernels by pass rows: %s",
             len(self.layers),
             len(self.products),
             self.num_stacked,
+            sum(p.block_weight is not None for p in self.products),
             self.choice.by_rows,
         )
         if give_back and kernels == "auto" and self.choice.kernels == {"linear"}:
@@ -302,6 +327,7 @@ class EngineLinears:
                     if product.stacked:
                         layer.weight.data = layer.weight.data.clone()  # savable on its own again
                 product.packed = None
+                product.block_weight = None
         self.products, self.layers = [], []
 
     @property
@@ -312,6 +338,11 @@ class EngineLinears:
             for p in self.products
             if p.packed is not None
         )
+
+    @property
+    def block_bytes(self) -> int:
+        """Memory held by block-format copies of the weights (0 unless "blocks" was chosen)."""
+        return sum(p.block_weight.num_bytes for p in self.products if p.block_weight is not None)
 
 
 def time_pass(products: Sequence[_Product], kernel: str, rows: int) -> float:

@@ -32,6 +32,7 @@ class ModelRunner:
         linear_kernels: str | None = "auto",
         lean_forward: bool = True,
         decode_mirror_tokens: int = 0,
+        block_kernels: bool = True,
     ) -> None:
         self.model = model
         self.blocks = blocks
@@ -76,6 +77,7 @@ class ModelRunner:
                 torch.get_num_threads(),
                 linear_kernels,
                 give_back=reason is not None,
+                blocks=block_kernels,
             )
             if linear_kernels is not None and model.device.type == "cpu"
             else None

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,6 +34,43 @@ logger = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"
 EMBEDDED = "embedded"
 TRAINED_PREFIXES = ("vision.", "projector.")
+
+
+@dataclass(frozen=True)
+class MergedLora:
+    """The LoRA factors merged into a linear layer's weight: weight = base + (b @ a) * scale,
+    computed as peft's merge computes it. Kept on the merged layer (as `merged_lora`) for the
+    serving engine, which can then find the base weight's exact GGUF blocks under the merged
+    values and multiply blocks and factors apart (serving/engine/block_weights.py)."""
+
+    a: torch.Tensor  # (r, in)
+    b: torch.Tensor  # (out, r)
+    scale: float
+
+    def delta(self) -> torch.Tensor:
+        """(out, in): the merge's own arithmetic (peft's `get_delta_weight` for float32)."""
+        return (self.b @ self.a) * self.scale
+
+
+def merged_lora_factors(adapted) -> dict[str, MergedLora]:
+    """{backbone module name: its factors} of every plain LoRA linear layer of a PeftModel with
+    one active adapter, read before `merge_and_unload` drops them."""
+    factors = {}
+    prefix = "base_model.model."
+    for name, module in adapted.named_modules():
+        adapter = getattr(module, "active_adapter", None)
+        adapter = adapter[0] if isinstance(adapter, list | tuple) and len(adapter) == 1 else adapter
+        lora_a = getattr(module, "lora_A", None)
+        if not isinstance(adapter, str) or lora_a is None or adapter not in lora_a:
+            continue
+        if getattr(module, "fan_in_fan_out", False) or module.use_dora.get(adapter, False):
+            continue  # merged some other way: no factors the engine could use
+        factors[name.removeprefix(prefix)] = MergedLora(
+            a=lora_a[adapter].weight.detach().clone(),
+            b=module.lora_B[adapter].weight.detach().clone(),
+            scale=float(module.scaling[adapter]),
+        )
+    return factors
 
 
 def is_delta(folder: str | os.PathLike) -> bool:
@@ -97,7 +135,10 @@ def load_delta(
         with warnings.catch_warnings():  # peft 0.21 calls an API transformers 5 deprecates
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
             adapted = PeftModel.from_pretrained(backbone, str(folder / ADAPTER_DIR))
+        factors = merged_lora_factors(adapted)
         backbone = adapted.merge_and_unload()
+        for name, lora in factors.items():
+            backbone.get_submodule(name).merged_lora = lora
     model = VisualChatModel(config, backbone)
     state = load_file(str(folder / loading.WEIGHTS_NAME))
     expected = {k for k in model.state_dict() if k.startswith(TRAINED_PREFIXES)}

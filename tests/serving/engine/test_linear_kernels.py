@@ -59,9 +59,9 @@ def test_every_kernel_computes_what_linear_computes(
         torch.testing.assert_close(got, want)
     product = model.proj.engine_product
     if kernel == "rows":  # the blocks are views of the weight itself, nothing copied
-        assert product.blocks.shape == (parts, 6 // parts, 8)
-        assert product.blocks.data_ptr() == model.proj.weight.data_ptr()
-    assert model.odd.engine_product.blocks is None
+        assert product.row_parts.shape == (parts, 6 // parts, 8)
+        assert product.row_parts.data_ptr() == model.proj.weight.data_ptr()
+    assert model.odd.engine_product.row_parts is None
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -157,7 +157,7 @@ def test_choose_kernels_times_every_kernel_at_every_size_in_turns() -> None:
     def timer(products, kernel, rows):
         assert list(products) == linears.products  # every product, every pass
         calls.append((kernel, rows))
-        return {"linear": 3.0, "rows": 2.0, "packed": 4.0}[kernel] * (
+        return {"linear": 3.0, "rows": 2.0, "packed": 4.0, "blocks": 5.0}[kernel] * (
             rows if kernel == "rows" else 1
         )
 
@@ -165,7 +165,7 @@ def test_choose_kernels_times_every_kernel_at_every_size_in_turns() -> None:
     # a warm-up round and 2 timed ones, the kernels taking turns within each round
     assert calls == [(k, r) for r in (1, 16) for _ in range(3) for k in KERNELS]
     assert choice.by_rows == {1: "rows", 16: "linear"}
-    assert seconds[16] == {"linear": 3.0, "rows": 32.0, "packed": 4.0}
+    assert seconds[16] == {"linear": 3.0, "rows": 32.0, "packed": 4.0, "blocks": 5.0}
 
 
 def test_auto_keeps_the_layers_when_asked_not_to_give_them_back(

@@ -1,0 +1,145 @@
+"""Build and call the engine's block-format products (`native/block_gemm.cpp`) on CPU.
+
+The C++ file is compiled once per machine with the system's g++ (`-march=native`, OpenMP) into
+a cache folder and loaded with ctypes; a build takes ~5 s and is reused while the source, the
+flags, the compiler and the CPU stay the same. No torch headers are involved, so the build needs
+only a C++ compiler; the library links OpenMP by soname and so runs on torch's own OpenMP
+threads inside the process (checked: one libgomp is mapped after loading it).
+
+Where there is no compiler, or the build fails, `library()` logs why and returns None, and the
+engine multiplies the float32 weights as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "native" / "block_gemm.cpp"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+# The formats the library multiplies, by their llama.cpp names (see block_weights.py).
+FORMATS = ("q4_1", "q8_0")
+# Machines share home folders; a library built for one CPU's instructions must not load on
+# another, so the key holds the CPU's feature flags.
+CACHE_ENV = "VISUALCHAT_NATIVE_CACHE"
+
+
+def cache_dir() -> Path:
+    default = Path.home() / ".cache" / "visualchat" / "native"
+    return Path(os.environ.get(CACHE_ENV) or default)
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line for line in cpuinfo if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    key = hashlib.sha256(
+        "\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode()
+    ).hexdigest()[:16]
+    target = cache_dir() / f"block_gemm-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside the target and renamed into place: a concurrent process never loads half
+    # a library, and two builds race only to write the same file.
+    handle, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
+    os.close(handle)
+    try:
+        subprocess.run(
+            [compiler, *FLAGS, "-o", partial, str(SOURCE)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    logger.info("built the block-format kernels: %s", target)
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, built on first use; None (and why, logged) where they cannot be."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        logger.info("block-format kernels: written for x86-64, this is %s", platform.machine())
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        logger.warning("block-format kernels unavailable: no C++ compiler (g++ or $CXX)")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", "") or str(error)
+        logger.warning("block-format kernels unavailable: the build failed: %s", detail[-2000:])
+        return None
+    for name in ("vc_q4_1_gemm", "vc_q8_0_gemm"):
+        function = getattr(lib, name)
+        function.argtypes = [
+            ctypes.c_void_p,  # x: (m, k) float32
+            ctypes.c_int64,  # m
+            ctypes.c_int64,  # k
+            ctypes.c_void_p,  # blocks
+            ctypes.c_int64,  # n
+            ctypes.c_void_p,  # y: (m, n) float32
+        ]
+        function.restype = None
+    for name in ("vc_q4_1_block_bytes", "vc_q8_0_block_bytes"):
+        getattr(lib, name).restype = ctypes.c_int64
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def block_bytes(fmt: str) -> int:
+    """Bytes of one (16 outputs, 32 inputs) block of `fmt` in the library's layout."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the block-format kernels are not available here (see the log)")
+    return getattr(lib, f"vc_{fmt}_block_bytes")()
+
+
+def gemm(fmt: str, x: torch.Tensor, blocks: torch.Tensor, out_features: int) -> torch.Tensor:
+    """(m, k) float32 @ W^T -> (m, out_features), W held as `fmt` blocks (block_weights.py)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the block-format kernels are not available here (see the log)")
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown block format {fmt!r}; known: {FORMATS}")
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2:
+        raise ValueError("the block kernels take (rows, in) float32 CPU inputs")
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], out_features)
+    if x.shape[0]:
+        getattr(lib, f"vc_{fmt}_gemm")(
+            x.data_ptr(), x.shape[0], x.shape[1], blocks.data_ptr(), out_features, y.data_ptr()
+        )
+    return y

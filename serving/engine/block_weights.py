@@ -1,0 +1,215 @@
+"""Float32 weights that are exactly llama.cpp block formats, found and packed for the block
+kernels (`block_kernels.py`, `native/block_gemm.cpp`).
+
+Why. A GGUF file stores a model's weights in blocks of 32 with a float16 scale (and offset):
+Q4_1 as w = d * q + m with q in 0..15, Q8_0 as w = d * q with q in -128..127. transformers
+dequantizes them to float32 on load, so every product reads 4 bytes a weight where the file
+held 0.56 (Q4_1) or 1.06 (Q8_0). Those float32 values are still exactly a block format, and
+the blocks can be found again from the values alone, with no knowledge of the file or of how a
+loader renamed or permuted the tensors:
+
+- Q4_1: q = 0 is in every block (llama.cpp takes m as the block's minimum), so m = min(block);
+  d is (max - m) / 15 rounded to float16, or a float16 neighbour of it;
+- Q8_0: d is max|w| / 127 rounded to float16, or a neighbour.
+
+A weight counts as a block format only if every one of its blocks rebuilds to the float32 value
+bit for bit (`from_float` checks it; one block off and the weight stays float32), so the block
+kernels multiply the very weights the float32 model holds. With d a float16 value, d * q is
+exact in float32 and the kernel's fused d * q + m rounds once, as the float32 sum does.
+
+The packed layout (per 16 outputs by 32 inputs, tiles outermost) is the kernel's; its comment in
+`block_gemm.cpp` is the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from serving.engine import block_kernels
+
+GROUP = 32  # inputs per block
+TILE = 16  # outputs per kernel tile
+# float16 neighbours of the first guess for d, in the order tried
+_NEIGHBOURS = (0, -1, 1, -2, 2)
+_ROWS_AT_ONCE = 4096  # rows recovered together: bounds the temporaries to ~150 MB
+
+
+def _float16_steps(d: torch.Tensor, step: int) -> torch.Tensor:
+    """d (float16-valued float32, positive) moved `step` float16 values up or down."""
+    bits = d.half().view(torch.int16) + step
+    return bits.view(torch.float16).float()
+
+
+def _q4_1(
+    x: torch.Tensor, target: torch.Tensor, delta: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """x: (rows, groups, 32) base values, exact or within a rounding of them ->
+    (q uint8 like x, d (rows, groups), m) whose rebuilt values (plus delta) equal target
+    exactly, or None."""
+    m = x.amin(-1, keepdim=True).half().float()  # (rows, groups, 1)
+    first = ((x.amax(-1, keepdim=True) - m) / 15).half().float()
+    q = torch.zeros_like(x)
+    d = torch.zeros_like(m)
+    found = torch.zeros_like(m, dtype=torch.bool)
+    for step in _NEIGHBOURS:
+        guess = _float16_steps(first, step) if step else first
+        codes = ((x - m) / guess).round().clamp(0, 15)
+        codes = torch.where(guess > 0, codes, torch.zeros_like(codes))  # a constant block
+        exact = _rebuilds(codes * guess + m, target, delta) & ~found
+        q = torch.where(exact, codes, q)
+        d = torch.where(exact, guess, d)
+        found |= exact
+        if found.all():
+            return q.to(torch.uint8), d.squeeze(-1), m.squeeze(-1)
+    return None
+
+
+def _q8_0(
+    x: torch.Tensor, target: torch.Tensor, delta: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """As `_q4_1` for Q8_0: (q int8 like x, d (rows, groups)) or None."""
+    first = (x.abs().amax(-1, keepdim=True) / 127).half().float()
+    q = torch.zeros_like(x)
+    d = torch.zeros_like(first)
+    found = torch.zeros_like(first, dtype=torch.bool)
+    for step in _NEIGHBOURS:
+        guess = _float16_steps(first, step) if step else first
+        codes = torch.where(guess > 0, (x / guess).round(), torch.zeros_like(x))
+        codes = codes.clamp(-128, 127)
+        exact = _rebuilds(codes * guess, target, delta) & ~found
+        q = torch.where(exact, codes, q)
+        d = torch.where(exact, guess, d)
+        found |= exact
+        if found.all():
+            return q.to(torch.int8), d.squeeze(-1)
+    return None
+
+
+def _rebuilds(base: torch.Tensor, target: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    """(rows, groups, 1): whether each block's rebuilt base (plus the merged delta, added as
+    the merge added it) is the target to the bit."""
+    rebuilt = base if delta is None else base + delta
+    return (rebuilt == target).all(-1, keepdim=True)
+
+
+def _tiles(values: torch.Tensor, tiles: int, groups: int) -> torch.Tensor:
+    """(tiles * 16, groups) float32 -> (tiles, groups, 64) bytes: the tile's 16 values."""
+    per_tile = values.view(tiles, TILE, groups).permute(0, 2, 1).contiguous()
+    return per_tile.view(torch.uint8).view(tiles, groups, TILE * 4)
+
+
+def pack_q4_1(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """q (n, k) uint8 0..15, d and m (n, k / 32) -> (n / 16, k / 32, 384) uint8 blocks."""
+    n, k = q.shape
+    tiles, groups = n // TILE, k // GROUP
+    pairs = q.view(tiles, TILE, groups, GROUP // 2, 2).permute(0, 2, 3, 1, 4)  # (t, g, p, j, 2)
+    codes = (pairs[..., 0] | (pairs[..., 1] << 4)).reshape(tiles, groups, GROUP * TILE // 2)
+    return torch.cat([_tiles(d, tiles, groups), _tiles(m, tiles, groups), codes], -1).contiguous()
+
+
+def pack_q8_0(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """q (n, k) int8, d (n, k / 32) -> (n / 16, k / 32, 576) uint8 blocks."""
+    n, k = q.shape
+    tiles, groups = n // TILE, k // GROUP
+    codes = q.view(tiles, TILE, groups, GROUP).permute(0, 2, 3, 1).contiguous()  # (t, g, k, j)
+    codes = codes.view(torch.uint8).view(tiles, groups, GROUP * TILE)
+    return torch.cat([_tiles(d, tiles, groups), codes], -1).contiguous()
+
+
+@dataclass
+class BlockWeight:
+    """A float32 (out, in) weight held as `fmt` blocks in the kernel's layout, plus, where the
+    weight is a base with LoRA factors merged into it, those factors: the product is then
+    x @ base^T + (x @ a^T) @ b^T, the same sum as x @ weight^T up to the merge's rounding."""
+
+    fmt: str  # one of block_kernels.FORMATS
+    blocks: torch.Tensor  # (out / 16, in / 32, block bytes) uint8
+    out_features: int
+    in_features: int
+    low_rank_a: torch.Tensor | None = None  # (in, r) the factors' a, transposed
+    low_rank_b: torch.Tensor | None = None  # (r, out) the factors' b times their scale, transposed
+
+    @classmethod
+    def for_layers(cls, weight: torch.Tensor, layers: Sequence[nn.Module]) -> BlockWeight | None:
+        """The block form of `weight`, the layers' weights stacked by rows (one layer: its
+        own), or None. A layer with `merged_lora` (visualchat.model.delta.MergedLora) counts
+        when its base, the weight before the merge, is a block format: the merge is redone on
+        the found base and must give the layer's weight to the bit."""
+        factors = [getattr(layer, "merged_lora", None) for layer in layers]
+        if all(f is None for f in factors):
+            return cls.from_float(weight)
+        if any(f is not None and f.a.dtype != torch.float32 for f in factors):
+            return None
+        with torch.no_grad():
+            deltas = [
+                f.delta() if f is not None else weight.new_zeros(layer.weight.shape)
+                for f, layer in zip(factors, layers, strict=True)
+            ]
+            found = cls.from_float(weight, torch.cat(deltas))
+            if found is None:
+                return None
+            # The stacked factors: a's side by side, b's block-diagonal, so all members' low-rank
+            # terms are one (x @ a^T) @ b^T.
+            ranks = [f.a.shape[0] if f is not None else 0 for f in factors]
+            a = torch.cat([f.a for f in factors if f is not None])  # (sum r, in)
+            b = weight.new_zeros(weight.shape[0], sum(ranks))  # (out, sum r)
+            row = col = 0
+            for f, layer, rank in zip(factors, layers, ranks, strict=True):
+                outs = layer.weight.shape[0]
+                if f is not None:
+                    b[row : row + outs, col : col + rank] = f.b * f.scale
+                row, col = row + outs, col + rank
+            found.low_rank_a = a.t().contiguous()
+            found.low_rank_b = b.t().contiguous()
+        return found
+
+    @classmethod
+    def from_float(
+        cls, weight: torch.Tensor, delta: torch.Tensor | None = None
+    ) -> BlockWeight | None:
+        """The weight's exact Q4_1 form, else its exact Q8_0 form, else None: shapes the
+        kernels cannot tile (out not a multiple of 16, in not of 32), other dtypes, or a
+        weight of which some block is not exactly the format. With `delta` (out, in), the
+        form of a base such that base + delta is the weight to the bit."""
+        if weight.dtype != torch.float32 or weight.dim() != 2 or weight.device.type != "cpu":
+            return None
+        n, k = weight.shape
+        if n % TILE or k % GROUP or not bool(torch.isfinite(weight).all()):
+            return None
+        with torch.no_grad():
+            for fmt, recover, pack in (("q4_1", _q4_1, pack_q4_1), ("q8_0", _q8_0, pack_q8_0)):
+                parts = []
+                for start in range(0, n, _ROWS_AT_ONCE):
+                    rows = slice(start, start + _ROWS_AT_ONCE)
+                    target = weight[rows].reshape(-1, k // GROUP, GROUP)
+                    part_delta = None if delta is None else delta[rows].reshape(target.shape)
+                    base = target if part_delta is None else target - part_delta
+                    found = recover(base, target, part_delta)
+                    if found is None:
+                        break
+                    parts.append(found)
+                else:
+                    joined = [torch.cat(column) for column in zip(*parts, strict=True)]
+                    q, scales = joined[0].view(n, k), joined[1:]
+                    return cls(fmt, pack(q, *scales), n, k)
+        return None
+
+    def multiply(self, rows: torch.Tensor) -> torch.Tensor:
+        """(m, in) float32 -> (m, out)."""
+        out = block_kernels.gemm(self.fmt, rows, self.blocks, self.out_features)
+        if self.low_rank_a is not None:
+            out.addmm_(rows @ self.low_rank_a, self.low_rank_b)
+        return out
+
+    @property
+    def num_bytes(self) -> int:
+        extra = sum(
+            t.numel() * t.element_size()
+            for t in (self.low_rank_a, self.low_rank_b)
+            if t is not None
+        )
+        return self.blocks.numel() + extra

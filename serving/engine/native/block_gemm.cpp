@@ -1,0 +1,243 @@
+// y = x @ W^T for weights kept in llama.cpp's block formats, dequantized in registers.
+//
+// Why: the embedded backbone ships as Q4_1 (and a Q8_0 embedding); transformers dequantizes it
+// to float32, so a one-row decode step reads 538 MB of weights where the file holds 96 MB. These
+// kernels read the blocks themselves (about 0.75 and 1.1 bytes a weight with this layout's
+// float32 scales) and rebuild each weight exactly as the float32 copy holds it:
+//
+//   Q4_1: w = d * q + m, q in 0..15;  Q8_0: w = d * q, q in -127..127
+//
+// with d and m float16 values (checked when the blocks are made, see block_weights.py), so d * q
+// is exact in float32 and a fused multiply-add rounds d * q + m once, as gguf's numpy
+// dequantization does in two steps: the weights are the float32 ones to the bit. The sums are
+// float32 in another order than torch's kernels, so outputs may differ in the last bits.
+//
+// Layout: output columns in tiles of 16 (one 512-bit vector of outputs), inputs in groups of 32;
+// per (tile, group) one contiguous block, tiles outermost, so a tile's blocks stream in order:
+//
+//   Q4_1 block (384 bytes): float d[16], float m[16], uint8 codes[16][16]
+//                           codes[p][j] = q[j][2p] | q[j][2p+1] << 4   (j: column in the tile)
+//   Q8_0 block (576 bytes): float d[16], int8 codes[32][16]            codes[k][j] = q[j][k]
+//
+// Each call runs M rows (any M; 16 at a time) over all tiles, the tiles split among OpenMP
+// threads. The library links libgomp by soname, so inside torch's process it shares torch's
+// OpenMP runtime and threads rather than starting a second set that would fight them for cores.
+//
+// Written with GCC vector extensions rather than intrinsics: the same code compiles to AVX-512
+// (one zmm per vector) or AVX2 (two ymm) for the machine it is built on (-march=native).
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+typedef int8_t i8x16 __attribute__((vector_size(16)));
+
+constexpr int64_t TILE = 16;   // output columns per tile
+constexpr int64_t GROUP = 32;  // inputs per block
+constexpr int64_t Q4_BLOCK = 2 * TILE * 4 + GROUP * TILE / 2;  // 384 bytes
+constexpr int64_t Q8_BLOCK = TILE * 4 + GROUP * TILE;          // 576 bytes
+constexpr int64_t ROW_STEP = 16;  // rows per kernel call: 16 accumulators and room to spare
+
+inline f32x16 load_f32x16(const uint8_t* p) {
+    f32x16 v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+// 16 bytes -> 16 int32 lanes. GCC 12 lowers __builtin_convertvector of bytes to one insert per
+// byte, so the x86 widening instructions are named where the target has them.
+inline i32x16 widen_u8(const uint8_t* p) {
+#if defined(__AVX512F__)
+    return (i32x16)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+#elif defined(__AVX2__)
+    __m128i bytes = _mm_loadu_si128((const __m128i*)p);
+    __m256i low = _mm256_cvtepu8_epi32(bytes), high = _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8));
+    i32x16 v;
+    std::memcpy(&v, &low, 32);
+    std::memcpy((char*)&v + 32, &high, 32);
+    return v;
+#else
+    u8x16 bytes;
+    std::memcpy(&bytes, p, sizeof bytes);
+    return __builtin_convertvector(bytes, i32x16);
+#endif
+}
+
+inline i32x16 widen_i8(const uint8_t* p) {
+#if defined(__AVX512F__)
+    return (i32x16)_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p));
+#elif defined(__AVX2__)
+    __m128i bytes = _mm_loadu_si128((const __m128i*)p);
+    __m256i low = _mm256_cvtepi8_epi32(bytes), high = _mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8));
+    i32x16 v;
+    std::memcpy(&v, &low, 32);
+    std::memcpy((char*)&v + 32, &high, 32);
+    return v;
+#else
+    i8x16 bytes;
+    std::memcpy(&bytes, p, sizeof bytes);
+    return __builtin_convertvector(bytes, i32x16);
+#endif
+}
+
+inline f32x16 fma(f32x16 a, f32x16 b, f32x16 c) {
+    // One rounding: GCC emits vfmadd for this under -ffp-contract=fast (its default for GNU C++),
+    // and the result is the same either way where a * b is exact, as in the dequantization.
+    return a * b + c;
+}
+
+// NB column tiles side by side so small M still has M * NB independent accumulator chains
+// (a fused multiply-add has 4 cycles of latency and two of them issue per cycle).
+template <int M, int NB>
+void q4_tiles(const float* x, int64_t ldx, const uint8_t* w, int64_t groups, int64_t tile0,
+              float* y, int64_t ldy) {
+    f32x16 acc[M][NB];
+    for (int r = 0; r < M; ++r)
+        for (int b = 0; b < NB; ++b) acc[r][b] = f32x16{};
+    const uint8_t* tiles[NB];
+    for (int b = 0; b < NB; ++b) tiles[b] = w + (tile0 + b) * groups * Q4_BLOCK;
+    for (int64_t g = 0; g < groups; ++g) {
+        f32x16 d[NB], m[NB];
+        const uint8_t* codes[NB];
+        for (int b = 0; b < NB; ++b) {
+            const uint8_t* block = tiles[b] + g * Q4_BLOCK;
+            d[b] = load_f32x16(block);
+            m[b] = load_f32x16(block + 64);
+            codes[b] = block + 128;
+        }
+        const float* xg = x + g * GROUP;
+#pragma GCC unroll 2
+        for (int p = 0; p < GROUP / 2; ++p) {
+            for (int b = 0; b < NB; ++b) {
+                i32x16 v = widen_u8(codes[b] + p * TILE);
+                f32x16 w0 = fma(__builtin_convertvector(v & 15, f32x16), d[b], m[b]);
+                f32x16 w1 = fma(__builtin_convertvector(v >> 4, f32x16), d[b], m[b]);
+                for (int r = 0; r < M; ++r) {
+                    acc[r][b] = fma(w0, xg[r * ldx + 2 * p] - f32x16{}, acc[r][b]);
+                    acc[r][b] = fma(w1, xg[r * ldx + 2 * p + 1] - f32x16{}, acc[r][b]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < M; ++r)
+        for (int b = 0; b < NB; ++b)
+            std::memcpy(y + r * ldy + (tile0 + b) * TILE, &acc[r][b], sizeof(f32x16));
+}
+
+template <int M, int NB>
+void q8_tiles(const float* x, int64_t ldx, const uint8_t* w, int64_t groups, int64_t tile0,
+              float* y, int64_t ldy) {
+    f32x16 acc[M][NB];
+    for (int r = 0; r < M; ++r)
+        for (int b = 0; b < NB; ++b) acc[r][b] = f32x16{};
+    const uint8_t* tiles[NB];
+    for (int b = 0; b < NB; ++b) tiles[b] = w + (tile0 + b) * groups * Q8_BLOCK;
+    for (int64_t g = 0; g < groups; ++g) {
+        f32x16 d[NB];
+        const uint8_t* codes[NB];
+        for (int b = 0; b < NB; ++b) {
+            const uint8_t* block = tiles[b] + g * Q8_BLOCK;
+            d[b] = load_f32x16(block);
+            codes[b] = block + 64;
+        }
+        const float* xg = x + g * GROUP;
+#pragma GCC unroll 4
+        for (int k = 0; k < GROUP; ++k) {
+            for (int b = 0; b < NB; ++b) {
+                f32x16 wk = __builtin_convertvector(widen_i8(codes[b] + k * TILE), f32x16);
+                wk = wk * d[b];  // exact: 8 by 11 significant bits
+                for (int r = 0; r < M; ++r) acc[r][b] = fma(wk, xg[r * ldx + k] - f32x16{}, acc[r][b]);
+            }
+        }
+    }
+    for (int r = 0; r < M; ++r)
+        for (int b = 0; b < NB; ++b)
+            std::memcpy(y + r * ldy + (tile0 + b) * TILE, &acc[r][b], sizeof(f32x16));
+}
+
+template <int M, int NB>
+struct Q4 {
+    static void run(const float* x, int64_t ldx, const uint8_t* w, int64_t groups, int64_t tile0,
+                    float* y, int64_t ldy) {
+        q4_tiles<M, NB>(x, ldx, w, groups, tile0, y, ldy);
+    }
+};
+
+template <int M, int NB>
+struct Q8 {
+    static void run(const float* x, int64_t ldx, const uint8_t* w, int64_t groups, int64_t tile0,
+                    float* y, int64_t ldy) {
+        q8_tiles<M, NB>(x, ldx, w, groups, tile0, y, ldy);
+    }
+};
+
+// Tiles side by side by row count: enough independent chains at 1-2 rows, registers at 16.
+constexpr int tiles_side_by_side(int rows) { return rows <= 2 ? 4 : rows <= 8 ? 2 : 1; }
+constexpr int64_t RUN = 4;  // tiles per unit of work: a multiple of every tiles_side_by_side
+
+// Tiles [first, last) for M rows: NB tiles at a time, the rest one by one.
+template <template <int, int> class F, int M>
+void rows_over_tiles(const float* x, int64_t k, const uint8_t* w, int64_t groups, int64_t first,
+                     int64_t last, float* y, int64_t n) {
+    constexpr int NB = tiles_side_by_side(M);
+    int64_t tile = first;
+    for (; tile + NB <= last; tile += NB) F<M, NB>::run(x, k, w, groups, tile, y, n);
+    for (; tile < last; ++tile) F<M, 1>::run(x, k, w, groups, tile, y, n);
+}
+
+template <template <int, int> class F>
+void step_over_tiles(int64_t rows, const float* x, int64_t k, const uint8_t* w, int64_t groups,
+                     int64_t first, int64_t last, float* y, int64_t n) {
+#define VC_ROWS(M) \
+    case M: rows_over_tiles<F, M>(x, k, w, groups, first, last, y, n); break;
+    switch (rows) {
+        VC_ROWS(1) VC_ROWS(2) VC_ROWS(3) VC_ROWS(4) VC_ROWS(5) VC_ROWS(6) VC_ROWS(7) VC_ROWS(8)
+        VC_ROWS(9) VC_ROWS(10) VC_ROWS(11) VC_ROWS(12) VC_ROWS(13) VC_ROWS(14) VC_ROWS(15)
+        default: rows_over_tiles<F, 16>(x, k, w, groups, first, last, y, n); break;
+    }
+#undef VC_ROWS
+}
+
+// Every tile of the weight for all m rows: runs of 4 tiles are split among the threads; within a
+// run, row steps of 16 reuse the run's blocks from cache.
+template <template <int, int> class F>
+void gemm(const float* x, int64_t m, int64_t k, const uint8_t* w, int64_t n, float* y) {
+    const int64_t groups = k / GROUP;
+    const int64_t tiles = n / TILE;
+    const int64_t runs = (tiles + RUN - 1) / RUN;
+#pragma omp parallel for schedule(static)
+    for (int64_t run = 0; run < runs; ++run) {
+        const int64_t first = run * RUN;
+        const int64_t last = first + RUN < tiles ? first + RUN : tiles;
+        for (int64_t row = 0; row < m; row += ROW_STEP) {
+            const int64_t rows = m - row < ROW_STEP ? m - row : ROW_STEP;
+            step_over_tiles<F>(rows, x + row * k, k, w, groups, first, last, y + row * n, n);
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// x: (m, k) float32 rows; w: n / 16 tiles of k / 32 Q4_1 blocks; y: (m, n) float32.
+// k a multiple of 32, n a multiple of 16 (the caller checks).
+void vc_q4_1_gemm(const float* x, int64_t m, int64_t k, const uint8_t* w, int64_t n, float* y) {
+    gemm<Q4>(x, m, k, w, n, y);
+}
+
+void vc_q8_0_gemm(const float* x, int64_t m, int64_t k, const uint8_t* w, int64_t n, float* y) {
+    gemm<Q8>(x, m, k, w, n, y);
+}
+
+int64_t vc_q4_1_block_bytes() { return Q4_BLOCK; }
+int64_t vc_q8_0_block_bytes() { return Q8_BLOCK; }
+}
