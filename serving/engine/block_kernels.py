@@ -28,12 +28,12 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "native" / "block_gemm.cpp"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+# -ffp-contract=fast: a * b + c as one fused multiply-add (GCC's default for GNU dialects, not
+# for -std=c++17); the kernel's sums rely on it for speed, its exactness does not (see the .cpp).
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 # The formats the library multiplies, by their llama.cpp names (see block_weights.py).
 FORMATS = ("q4_1", "q8_0")
-# Machines share home folders; a library built for one CPU's instructions must not load on
-# another, so the key holds the CPU's feature flags.
-CACHE_ENV = "VISUALCHAT_NATIVE_CACHE"
+CACHE_ENV = "VISUALCHAT_NATIVE_CACHE"  # where built libraries are kept (default ~/.cache/...)
 
 
 def cache_dir() -> Path:
@@ -42,6 +42,8 @@ def cache_dir() -> Path:
 
 
 def _cpu_flags() -> str:
+    """Part of the build key: machines share home folders, and a library built for one CPU's
+    instructions (-march=native) must not load on another."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             return next((line for line in cpuinfo if line.startswith("flags")), "")

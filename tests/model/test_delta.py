@@ -46,6 +46,21 @@ def test_delta_with_lora_round_trips_logits(tmp_path) -> None:
         actual = loaded(ids, modality, pixel_values=pixels).logits
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
     assert loaded_tokenizer.eos_token == tokenizer.eos_token
+    # Each merged layer keeps its factors (for the engine's block kernels): the base plus their
+    # delta, computed again, is the merged weight to the bit.
+    merged = {
+        name: module.merged_lora
+        for name, module in loaded.language_model.named_modules()
+        if hasattr(module, "merged_lora")
+    }
+    assert sorted(merged) == sorted(
+        f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")
+    )
+    for name, lora in merged.items():
+        assert lora.scale == 2.0 and lora.a.shape[0] == 4
+        rebuilt = base.get_submodule(name).weight + lora.delta()
+        assert torch.equal(rebuilt, loaded.language_model.get_submodule(name).weight)
+        assert not torch.equal(lora.delta(), torch.zeros_like(rebuilt))
 
 
 def test_delta_without_adapter_stores_only_vision_and_projector(tmp_path) -> None:

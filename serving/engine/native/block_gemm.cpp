@@ -89,8 +89,8 @@ inline i32x16 widen_i8(const uint8_t* p) {
 }
 
 inline f32x16 fma(f32x16 a, f32x16 b, f32x16 c) {
-    // One rounding: GCC emits vfmadd for this under -ffp-contract=fast (its default for GNU C++),
-    // and the result is the same either way where a * b is exact, as in the dequantization.
+    // One instruction and one rounding under -ffp-contract=fast (block_kernels.py builds with
+    // it); two roundings without. Where a * b is exact, as in the dequantization, both agree.
     return a * b + c;
 }
 

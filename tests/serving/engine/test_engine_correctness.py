@@ -4,19 +4,25 @@ attention, with and without chunked prefill, and under cache pressure that force
 
 from __future__ import annotations
 
+import copy
+
 import pytest
+from block_formats import make_gguf_like
 from engine_testing import (
     GREEDY,
     WORKLOAD,
     assert_cache_empty,
     make_engine,
+    model_copy,
     record_plans,
     reference,
     reference_output,
     run_engine,
 )
 
+from serving.engine import Engine, EngineConfig, block_kernels
 from serving.engine.decode_mirror import HEADROOM
+from visualchat.api import VisualChat
 from visualchat.sampling import SamplingParams
 
 
@@ -220,3 +226,37 @@ def test_output_matches_under_cache_pressure_that_forces_preemption(
     assert sum(r.num_preemptions for r in requests) >= 1
     assert_cache_empty(engine)
     assert engine.image_cache.num_encoded == 4  # recomputation reuses the features
+
+
+@pytest.mark.skipif(not block_kernels.available(), reason="the block kernels need g++")
+@pytest.mark.parametrize(("lora_rank", "tie_word_embeddings"), [(0, True), (4, False)])
+def test_block_format_weights_match_through_the_block_kernels(
+    lora_rank: int, tie_word_embeddings: bool
+) -> None:
+    """A backbone as a Q4_1 GGUF loads (and with LoRA factors merged into it, as the embedded
+    default's delta checkpoint loads): the engine multiplies its blocks, not the float32
+    weights, and its greedy output is still the reference decoder's."""
+    model, tokenizer = model_copy(tie_word_embeddings=tie_word_embeddings)
+    make_gguf_like(model.language_model, lora_rank=lora_rank)
+    vc = VisualChat(copy.deepcopy(model), tokenizer)
+    engine = Engine(
+        model,
+        tokenizer,
+        EngineConfig(
+            block_size=4, num_blocks=256, max_num_batched_tokens=13, linear_kernels="blocks"
+        ),
+    )
+    products = engine.runner.linears.products
+    assert products and all(p.block_weight is not None for p in products)
+    assert all((p.block_weight.low_rank_a is not None) == bool(lora_rank) for p in products[:-1])
+    calls = []
+    gemm = block_kernels.gemm
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(block_kernels, "gemm", lambda *a: calls.append(a[0]) or gemm(*a))
+        indices = [0, 1, 2, 5]
+        results, _ = run_engine(engine, [(WORKLOAD[i], GREEDY) for i in indices])
+    assert set(calls) == {"q4_1", "q8_0"}  # the body's Q4_1 and the head's Q8_0
+    for i, result in zip(indices, results, strict=True):
+        expected = vc.generate(WORKLOAD[i], GREEDY)
+        assert (result.text, result.token_ids) == (expected.text, expected.token_ids), i
+    assert_cache_empty(engine)

@@ -1,0 +1,98 @@
+"""The block-format kernels: built once per machine, loaded into torch's OpenMP, any row count."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from block_formats import q4_1_values, q8_0_values
+
+from serving.engine import block_kernels
+from serving.engine.block_weights import BlockWeight
+
+needs_compiler = pytest.mark.skipif(
+    block_kernels._compiler() is None, reason="the block kernels need a C++ compiler (g++)"
+)
+
+
+@pytest.fixture
+def fresh_library(tmp_path, monkeypatch):
+    """`library()` as on first use, building into an empty cache folder."""
+    monkeypatch.setenv(block_kernels.CACHE_ENV, str(tmp_path))
+    block_kernels.library.cache_clear()
+    yield tmp_path
+    block_kernels.library.cache_clear()
+
+
+@needs_compiler
+@pytest.mark.parametrize("make", [q4_1_values, q8_0_values])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 5, 8, 9, 16, 17, 40])
+def test_every_row_count_computes_the_product(make, rows: int) -> None:
+    # 5 tiles of 16 outputs: the threads' runs of 4 tiles leave one over, and the kernels that
+    # take 4 or 2 tiles side by side finish it one tile at a time
+    weight = make(torch.randn(80, 64, generator=torch.Generator().manual_seed(rows)))
+    found = BlockWeight.from_float(weight)
+    x = torch.randn(rows, 64)
+    out = found.multiply(x)
+    assert out.shape == (rows, 80)
+    torch.testing.assert_close(out, x @ weight.t())
+
+
+@needs_compiler
+def test_inputs_of_the_wrong_kind_are_refused() -> None:
+    found = BlockWeight.from_float(q4_1_values(torch.randn(16, 32)))
+    with pytest.raises(ValueError, match="float32"):
+        found.multiply(torch.randn(2, 32, dtype=torch.float64))
+    with pytest.raises(ValueError, match="unknown block format"):
+        block_kernels.gemm("q5_k", torch.randn(2, 32), found.blocks, 16)
+
+
+@needs_compiler
+def test_the_library_is_built_once_and_runs_on_torchs_openmp(fresh_library) -> None:
+    assert block_kernels.library() is not None
+    built = sorted(fresh_library.glob("block_gemm-*.so"))
+    assert len(built) == 1 and not list(fresh_library.glob("*.partial"))
+    modified = built[0].stat().st_mtime_ns
+    block_kernels.library.cache_clear()
+    assert block_kernels.library() is not None  # a new process would load the same file
+    assert sorted(fresh_library.glob("block_gemm-*.so")) == built
+    assert built[0].stat().st_mtime_ns == modified
+    with open("/proc/self/maps") as maps:
+        openmp = {line.split()[-1] for line in maps if "libgomp" in line}
+    assert len(openmp) == 1  # torch's own, not a second runtime competing for the cores
+
+
+@needs_compiler
+def test_a_changed_source_is_built_again(fresh_library, tmp_path_factory, monkeypatch) -> None:
+    assert block_kernels.library() is not None
+    source = tmp_path_factory.mktemp("src") / "block_gemm.cpp"
+    source.write_text(block_kernels.SOURCE.read_text() + "\n// changed\n")
+    monkeypatch.setattr(block_kernels, "SOURCE", source)
+    block_kernels.library.cache_clear()
+    assert block_kernels.library() is not None
+    assert len(list(fresh_library.glob("block_gemm-*.so"))) == 2
+
+
+def test_without_a_compiler_the_kernels_are_unavailable_and_say_why(
+    fresh_library, monkeypatch, caplog
+) -> None:
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    with caplog.at_level(logging.WARNING, logger="serving.engine.block_kernels"):
+        assert block_kernels.library() is None
+    assert "no C++ compiler" in caplog.text
+    assert not block_kernels.available()
+    with pytest.raises(RuntimeError, match="not available"):
+        block_kernels.gemm(
+            "q4_1", torch.randn(1, 32), torch.zeros(1, 1, 384, dtype=torch.uint8), 16
+        )
+
+
+def test_a_failed_build_leaves_nothing_behind_and_says_why(
+    fresh_library, monkeypatch, caplog
+) -> None:
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
+    with caplog.at_level(logging.WARNING, logger="serving.engine.block_kernels"):
+        assert block_kernels.library() is None
+    assert "the build failed" in caplog.text
+    assert list(fresh_library.iterdir()) == []
