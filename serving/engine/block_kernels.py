@@ -21,6 +21,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -110,6 +111,10 @@ def library() -> ctypes.CDLL | None:
             ctypes.c_void_p,  # blocks
             ctypes.c_int64,  # n
             ctypes.c_void_p,  # y: (m, n) float32
+            ctypes.c_void_p,  # lora_a: (rank, k) float32, or null
+            ctypes.c_int64,  # rank (0: no low-rank term)
+            ctypes.c_void_p,  # tile_low: (n / 16, 3) int64, or null
+            ctypes.c_void_p,  # lora_b: per tile (its rank, 16) float32, or null
         ]
         function.restype = None
     for name in ("vc_q4_1_block_bytes", "vc_q8_0_block_bytes"):
@@ -129,8 +134,43 @@ def block_bytes(fmt: str) -> int:
     return getattr(lib, f"vc_{fmt}_block_bytes")()
 
 
-def gemm(fmt: str, x: torch.Tensor, blocks: torch.Tensor, out_features: int) -> torch.Tensor:
-    """(m, k) float32 @ W^T -> (m, out_features), W held as `fmt` blocks (block_weights.py)."""
+@dataclass(frozen=True)
+class LowRank:
+    """A low-rank term (x @ a^T) @ b added to a block product, laid out for the kernel: the
+    stacked layers' a's one above the other, and per output tile of 16 the columns of u = x @ a^T
+    that its layer owns and its layer's b for those 16 outputs (see `Rows` in block_gemm.cpp)."""
+
+    a: torch.Tensor  # (rank, k) float32
+    tile_low: torch.Tensor  # (n / 16, 3) int64: first column of u, rank, offset into b
+    b: torch.Tensor  # (sum over tiles of their rank * 16,) float32
+
+    def __post_init__(self) -> None:
+        if not all(t.is_contiguous() for t in (self.a, self.tile_low, self.b)):
+            raise ValueError("the low-rank factors must be contiguous")
+        if self.a.dtype != torch.float32 or self.b.dtype != torch.float32:
+            raise ValueError("the low-rank factors must be float32")
+        if self.tile_low.dtype != torch.int64 or self.tile_low.shape[1:] != (3,):
+            raise ValueError("tile_low must be (tiles, 3) int64")
+        starts, ranks, offsets = self.tile_low.unbind(1)
+        if bool(
+            (starts + ranks > self.a.shape[0]).any() | (offsets + 16 * ranks > len(self.b)).any()
+        ):
+            raise ValueError("tile_low points outside the factors")
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.a, self.tile_low, self.b))
+
+
+def gemm(
+    fmt: str,
+    x: torch.Tensor,
+    blocks: torch.Tensor,
+    out_features: int,
+    low_rank: LowRank | None = None,
+) -> torch.Tensor:
+    """(m, k) float32 @ W^T -> (m, out_features), W held as `fmt` blocks (block_weights.py),
+    plus the low-rank term when there is one, in the same call."""
     lib = library()
     if lib is None:
         raise RuntimeError("the block-format kernels are not available here (see the log)")
@@ -140,8 +180,24 @@ def gemm(fmt: str, x: torch.Tensor, blocks: torch.Tensor, out_features: int) -> 
         raise ValueError("the block kernels take (rows, in) float32 CPU inputs")
     x = x.contiguous()
     y = torch.empty(x.shape[0], out_features)
-    if x.shape[0]:
-        getattr(lib, f"vc_{fmt}_gemm")(
-            x.data_ptr(), x.shape[0], x.shape[1], blocks.data_ptr(), out_features, y.data_ptr()
-        )
+    if not x.shape[0]:
+        return y
+    a_ptr, rank, tiles_ptr, b_ptr = None, 0, None, None
+    if low_rank is not None:
+        if low_rank.a.shape[1] != x.shape[1] or low_rank.tile_low.shape[0] * 16 != out_features:
+            raise ValueError("the low-rank factors do not fit this product")
+        a_ptr, rank = low_rank.a.data_ptr(), low_rank.a.shape[0]
+        tiles_ptr, b_ptr = low_rank.tile_low.data_ptr(), low_rank.b.data_ptr()
+    getattr(lib, f"vc_{fmt}_gemm")(
+        x.data_ptr(),
+        x.shape[0],
+        x.shape[1],
+        blocks.data_ptr(),
+        out_features,
+        y.data_ptr(),
+        a_ptr,
+        rank,
+        tiles_ptr,
+        b_ptr,
+    )
     return y

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from serving.engine import block_kernels
+from visualchat.model.delta import MergedLora
 
 GROUP = 32  # inputs per block
 TILE = 16  # outputs per kernel tile
@@ -130,8 +131,7 @@ class BlockWeight:
     blocks: torch.Tensor  # (out / 16, in / 32, block bytes) uint8
     out_features: int
     in_features: int
-    low_rank_a: torch.Tensor | None = None  # (in, r) the factors' a, transposed
-    low_rank_b: torch.Tensor | None = None  # (r, out) the factors' b times their scale, transposed
+    low_rank: block_kernels.LowRank | None = None  # merged LoRA factors, set apart
 
     @classmethod
     def for_layers(cls, weight: torch.Tensor, layers: Sequence[nn.Module]) -> BlockWeight | None:
@@ -142,29 +142,18 @@ class BlockWeight:
         factors = [getattr(layer, "merged_lora", None) for layer in layers]
         if all(f is None for f in factors):
             return cls.from_float(weight)
-        if any(f is not None and f.a.dtype != torch.float32 for f in factors):
-            return None
+        if any(f is not None and f.a.dtype != torch.float32 for f in factors) or any(
+            layer.weight.shape[0] % TILE for layer in layers
+        ):
+            return None  # a tile of 16 outputs must belong to one layer
         with torch.no_grad():
             deltas = [
                 f.delta() if f is not None else weight.new_zeros(layer.weight.shape)
                 for f, layer in zip(factors, layers, strict=True)
             ]
             found = cls.from_float(weight, torch.cat(deltas))
-            if found is None:
-                return None
-            # The stacked factors: a's side by side, b's block-diagonal, so all members' low-rank
-            # terms are one (x @ a^T) @ b^T.
-            ranks = [f.a.shape[0] if f is not None else 0 for f in factors]
-            a = torch.cat([f.a for f in factors if f is not None])  # (sum r, in)
-            b = weight.new_zeros(weight.shape[0], sum(ranks))  # (out, sum r)
-            row = col = 0
-            for f, layer, rank in zip(factors, layers, ranks, strict=True):
-                outs = layer.weight.shape[0]
-                if f is not None:
-                    b[row : row + outs, col : col + rank] = f.b * f.scale
-                row, col = row + outs, col + rank
-            found.low_rank_a = a.t().contiguous()
-            found.low_rank_b = b.t().contiguous()
+            if found is not None:
+                found.low_rank = _low_rank(factors, [layer.weight.shape[0] for layer in layers])
         return found
 
     @classmethod
@@ -200,16 +189,32 @@ class BlockWeight:
 
     def multiply(self, rows: torch.Tensor) -> torch.Tensor:
         """(m, in) float32 -> (m, out)."""
-        out = block_kernels.gemm(self.fmt, rows, self.blocks, self.out_features)
-        if self.low_rank_a is not None:
-            out.addmm_(rows @ self.low_rank_a, self.low_rank_b)
-        return out
+        return block_kernels.gemm(self.fmt, rows, self.blocks, self.out_features, self.low_rank)
 
     @property
     def num_bytes(self) -> int:
-        extra = sum(
-            t.numel() * t.element_size()
-            for t in (self.low_rank_a, self.low_rank_b)
-            if t is not None
-        )
+        extra = 0 if self.low_rank is None else self.low_rank.num_bytes
         return self.blocks.numel() + extra
+
+
+def _low_rank(factors: Sequence[MergedLora | None], outs: Sequence[int]) -> block_kernels.LowRank:
+    """The stacked layers' factors in the kernel's layout: a's one above the other; per tile of
+    16 outputs, its layer's columns of u = x @ a^T and its layer's b (times the scale) for those
+    outputs, (rank, 16) each. A layer without factors has rank 0."""
+    a_rows, tile_low, b_parts = [], [], []
+    u_start = b_offset = 0
+    for f, out in zip(factors, outs, strict=True):
+        rank = 0 if f is None else f.a.shape[0]
+        if f is not None:
+            a_rows.append(f.a)
+            scaled = (f.b * f.scale).view(out // TILE, TILE, rank)  # (tiles, 16, rank)
+            b_parts.append(scaled.transpose(1, 2).reshape(-1))  # per tile (rank, 16)
+        for _ in range(out // TILE):
+            tile_low.append((u_start, rank, b_offset))
+            b_offset += rank * TILE
+        u_start += rank
+    return block_kernels.LowRank(
+        a=torch.cat(a_rows).contiguous(),
+        tile_low=torch.tensor(tile_low, dtype=torch.int64),
+        b=torch.cat(b_parts).contiguous(),
+    )

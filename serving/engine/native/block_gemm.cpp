@@ -28,6 +28,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -94,17 +95,50 @@ inline f32x16 fma(f32x16 a, f32x16 b, f32x16 c) {
     return a * b + c;
 }
 
+// One call's operands, for rows [row, row + M) of x: pointers already at that row.
+struct Rows {
+    const float* x;           // (M, k) at stride k
+    int64_t k;
+    const uint8_t* w;         // all tiles' blocks
+    int64_t groups;           // k / 32
+    float* y;                 // (M, n) at stride n
+    int64_t n;
+    const float* u;           // (M, rank) at stride rank: x @ a^T of the low-rank term, or null
+    int64_t rank;
+    const int64_t* tile_low;  // per tile: its layer's first column of u, its rank, its b's offset
+    const float* lora_b;      // per tile, (its rank, 16): its layer's b^T times the scale
+};
+
+// y = acc + u @ b for the tile's 16 outputs: the low-rank term added after the product, as
+// torch's addmm_ on the product would add it. Each tile belongs to one stacked layer and reads
+// only that layer's columns of u and its own b, stored contiguously.
+template <int M, int NB>
+inline void store(const Rows& a, int64_t tile0, f32x16 (&acc)[M][NB]) {
+    if (a.u != nullptr)
+        for (int b = 0; b < NB; ++b) {
+            const int64_t* low = a.tile_low + 3 * (tile0 + b);
+            const float* u = a.u + low[0];
+            const float* bt = a.lora_b + low[2];
+            for (int64_t j = 0; j < low[1]; ++j) {
+                const f32x16 bj = load_f32x16((const uint8_t*)(bt + j * TILE));
+                for (int r = 0; r < M; ++r) acc[r][b] = fma(bj, u[r * a.rank + j] - f32x16{}, acc[r][b]);
+            }
+        }
+    for (int r = 0; r < M; ++r)
+        for (int b = 0; b < NB; ++b)
+            std::memcpy(a.y + r * a.n + (tile0 + b) * TILE, &acc[r][b], sizeof(f32x16));
+}
+
 // NB column tiles side by side so small M still has M * NB independent accumulator chains
 // (a fused multiply-add has 4 cycles of latency and two of them issue per cycle).
 template <int M, int NB>
-void q4_tiles(const float* x, int64_t ldx, const uint8_t* w, int64_t groups, int64_t tile0,
-              float* y, int64_t ldy) {
+void q4_tiles(const Rows& a, int64_t tile0) {
     f32x16 acc[M][NB];
     for (int r = 0; r < M; ++r)
         for (int b = 0; b < NB; ++b) acc[r][b] = f32x16{};
     const uint8_t* tiles[NB];
-    for (int b = 0; b < NB; ++b) tiles[b] = w + (tile0 + b) * groups * Q4_BLOCK;
-    for (int64_t g = 0; g < groups; ++g) {
+    for (int b = 0; b < NB; ++b) tiles[b] = a.w + (tile0 + b) * a.groups * Q4_BLOCK;
+    for (int64_t g = 0; g < a.groups; ++g) {
         f32x16 d[NB], m[NB];
         const uint8_t* codes[NB];
         for (int b = 0; b < NB; ++b) {
@@ -113,7 +147,7 @@ void q4_tiles(const float* x, int64_t ldx, const uint8_t* w, int64_t groups, int
             m[b] = load_f32x16(block + 64);
             codes[b] = block + 128;
         }
-        const float* xg = x + g * GROUP;
+        const float* xg = a.x + g * GROUP;
 #pragma GCC unroll 2
         for (int p = 0; p < GROUP / 2; ++p) {
             for (int b = 0; b < NB; ++b) {
@@ -121,26 +155,23 @@ void q4_tiles(const float* x, int64_t ldx, const uint8_t* w, int64_t groups, int
                 f32x16 w0 = fma(__builtin_convertvector(v & 15, f32x16), d[b], m[b]);
                 f32x16 w1 = fma(__builtin_convertvector(v >> 4, f32x16), d[b], m[b]);
                 for (int r = 0; r < M; ++r) {
-                    acc[r][b] = fma(w0, xg[r * ldx + 2 * p] - f32x16{}, acc[r][b]);
-                    acc[r][b] = fma(w1, xg[r * ldx + 2 * p + 1] - f32x16{}, acc[r][b]);
+                    acc[r][b] = fma(w0, xg[r * a.k + 2 * p] - f32x16{}, acc[r][b]);
+                    acc[r][b] = fma(w1, xg[r * a.k + 2 * p + 1] - f32x16{}, acc[r][b]);
                 }
             }
         }
     }
-    for (int r = 0; r < M; ++r)
-        for (int b = 0; b < NB; ++b)
-            std::memcpy(y + r * ldy + (tile0 + b) * TILE, &acc[r][b], sizeof(f32x16));
+    store<M, NB>(a, tile0, acc);
 }
 
 template <int M, int NB>
-void q8_tiles(const float* x, int64_t ldx, const uint8_t* w, int64_t groups, int64_t tile0,
-              float* y, int64_t ldy) {
+void q8_tiles(const Rows& a, int64_t tile0) {
     f32x16 acc[M][NB];
     for (int r = 0; r < M; ++r)
         for (int b = 0; b < NB; ++b) acc[r][b] = f32x16{};
     const uint8_t* tiles[NB];
-    for (int b = 0; b < NB; ++b) tiles[b] = w + (tile0 + b) * groups * Q8_BLOCK;
-    for (int64_t g = 0; g < groups; ++g) {
+    for (int b = 0; b < NB; ++b) tiles[b] = a.w + (tile0 + b) * a.groups * Q8_BLOCK;
+    for (int64_t g = 0; g < a.groups; ++g) {
         f32x16 d[NB];
         const uint8_t* codes[NB];
         for (int b = 0; b < NB; ++b) {
@@ -148,35 +179,28 @@ void q8_tiles(const float* x, int64_t ldx, const uint8_t* w, int64_t groups, int
             d[b] = load_f32x16(block);
             codes[b] = block + 64;
         }
-        const float* xg = x + g * GROUP;
+        const float* xg = a.x + g * GROUP;
 #pragma GCC unroll 4
         for (int k = 0; k < GROUP; ++k) {
             for (int b = 0; b < NB; ++b) {
                 f32x16 wk = __builtin_convertvector(widen_i8(codes[b] + k * TILE), f32x16);
                 wk = wk * d[b];  // exact: 8 by 11 significant bits
-                for (int r = 0; r < M; ++r) acc[r][b] = fma(wk, xg[r * ldx + k] - f32x16{}, acc[r][b]);
+                for (int r = 0; r < M; ++r)
+                    acc[r][b] = fma(wk, xg[r * a.k + k] - f32x16{}, acc[r][b]);
             }
         }
     }
-    for (int r = 0; r < M; ++r)
-        for (int b = 0; b < NB; ++b)
-            std::memcpy(y + r * ldy + (tile0 + b) * TILE, &acc[r][b], sizeof(f32x16));
+    store<M, NB>(a, tile0, acc);
 }
 
 template <int M, int NB>
 struct Q4 {
-    static void run(const float* x, int64_t ldx, const uint8_t* w, int64_t groups, int64_t tile0,
-                    float* y, int64_t ldy) {
-        q4_tiles<M, NB>(x, ldx, w, groups, tile0, y, ldy);
-    }
+    static void run(const Rows& a, int64_t tile0) { q4_tiles<M, NB>(a, tile0); }
 };
 
 template <int M, int NB>
 struct Q8 {
-    static void run(const float* x, int64_t ldx, const uint8_t* w, int64_t groups, int64_t tile0,
-                    float* y, int64_t ldy) {
-        q8_tiles<M, NB>(x, ldx, w, groups, tile0, y, ldy);
-    }
+    static void run(const Rows& a, int64_t tile0) { q8_tiles<M, NB>(a, tile0); }
 };
 
 // Tiles side by side by row count: enough independent chains at 1-2 rows, registers at 16.
@@ -185,32 +209,54 @@ constexpr int64_t RUN = 4;  // tiles per unit of work: a multiple of every tiles
 
 // Tiles [first, last) for M rows: NB tiles at a time, the rest one by one.
 template <template <int, int> class F, int M>
-void rows_over_tiles(const float* x, int64_t k, const uint8_t* w, int64_t groups, int64_t first,
-                     int64_t last, float* y, int64_t n) {
+void rows_over_tiles(const Rows& a, int64_t first, int64_t last) {
     constexpr int NB = tiles_side_by_side(M);
     int64_t tile = first;
-    for (; tile + NB <= last; tile += NB) F<M, NB>::run(x, k, w, groups, tile, y, n);
-    for (; tile < last; ++tile) F<M, 1>::run(x, k, w, groups, tile, y, n);
+    for (; tile + NB <= last; tile += NB) F<M, NB>::run(a, tile);
+    for (; tile < last; ++tile) F<M, 1>::run(a, tile);
 }
 
 template <template <int, int> class F>
-void step_over_tiles(int64_t rows, const float* x, int64_t k, const uint8_t* w, int64_t groups,
-                     int64_t first, int64_t last, float* y, int64_t n) {
+void step_over_tiles(int64_t rows, const Rows& a, int64_t first, int64_t last) {
 #define VC_ROWS(M) \
-    case M: rows_over_tiles<F, M>(x, k, w, groups, first, last, y, n); break;
+    case M: rows_over_tiles<F, M>(a, first, last); break;
     switch (rows) {
         VC_ROWS(1) VC_ROWS(2) VC_ROWS(3) VC_ROWS(4) VC_ROWS(5) VC_ROWS(6) VC_ROWS(7) VC_ROWS(8)
         VC_ROWS(9) VC_ROWS(10) VC_ROWS(11) VC_ROWS(12) VC_ROWS(13) VC_ROWS(14) VC_ROWS(15)
-        default: rows_over_tiles<F, 16>(x, k, w, groups, first, last, y, n); break;
+        default: rows_over_tiles<F, 16>(a, first, last); break;
     }
 #undef VC_ROWS
+}
+
+// u = x @ a^T: (m, k) by (rank, k), rank small (16 per LoRA layer, 48 for stacked q/k/v); each
+// u[row][j] one dot product along k in two chains (k is whole groups of 32).
+void low_rank_input(const float* x, int64_t m, int64_t k, const float* lora_a, int64_t rank,
+                    float* u) {
+#pragma omp parallel for schedule(static) if (m * rank >= 64)
+    for (int64_t job = 0; job < m * rank; ++job) {
+        const int64_t row = job / rank, j = job % rank;
+        const float* xr = x + row * k;
+        const float* aj = lora_a + j * k;
+        f32x16 s0{}, s1{};
+        for (int64_t i = 0; i < k; i += 2 * TILE) {
+            s0 = fma(load_f32x16((const uint8_t*)(xr + i)), load_f32x16((const uint8_t*)(aj + i)), s0);
+            s1 = fma(load_f32x16((const uint8_t*)(xr + i + TILE)),
+                     load_f32x16((const uint8_t*)(aj + i + TILE)), s1);
+        }
+        s0 += s1;
+        float total = 0.0f;
+        for (int lane = 0; lane < TILE; ++lane) total += s0[lane];
+        u[row * rank + j] = total;
+    }
 }
 
 // Every tile of the weight for all m rows: runs of 4 tiles are split among the threads; within a
 // run, row steps of 16 reuse the run's blocks from cache.
 template <template <int, int> class F>
-void gemm(const float* x, int64_t m, int64_t k, const uint8_t* w, int64_t n, float* y) {
-    const int64_t groups = k / GROUP;
+void gemm(const float* x, int64_t m, int64_t k, const uint8_t* w, int64_t n, float* y,
+          const float* lora_a, int64_t rank, const int64_t* tile_low, const float* lora_b) {
+    std::vector<float> u(rank > 0 ? m * rank : 0);
+    if (rank > 0) low_rank_input(x, m, k, lora_a, rank, u.data());
     const int64_t tiles = n / TILE;
     const int64_t runs = (tiles + RUN - 1) / RUN;
 #pragma omp parallel for schedule(static)
@@ -219,7 +265,17 @@ void gemm(const float* x, int64_t m, int64_t k, const uint8_t* w, int64_t n, flo
         const int64_t last = first + RUN < tiles ? first + RUN : tiles;
         for (int64_t row = 0; row < m; row += ROW_STEP) {
             const int64_t rows = m - row < ROW_STEP ? m - row : ROW_STEP;
-            step_over_tiles<F>(rows, x + row * k, k, w, groups, first, last, y + row * n, n);
+            const Rows a{x + row * k,
+                         k,
+                         w,
+                         k / GROUP,
+                         y + row * n,
+                         n,
+                         rank > 0 ? u.data() + row * rank : nullptr,
+                         rank,
+                         tile_low,
+                         lora_b};
+            step_over_tiles<F>(rows, a, first, last);
         }
     }
 }
@@ -229,13 +285,16 @@ void gemm(const float* x, int64_t m, int64_t k, const uint8_t* w, int64_t n, flo
 extern "C" {
 
 // x: (m, k) float32 rows; w: n / 16 tiles of k / 32 Q4_1 blocks; y: (m, n) float32.
-// k a multiple of 32, n a multiple of 16 (the caller checks).
-void vc_q4_1_gemm(const float* x, int64_t m, int64_t k, const uint8_t* w, int64_t n, float* y) {
-    gemm<Q4>(x, m, k, w, n, y);
+// k a multiple of 32, n a multiple of 16 (the caller checks). With rank > 0 the low-rank term
+// (x @ a^T) @ b is added: lora_a (rank, k); tile_low (n / 16, 3) and lora_b as `Rows` says.
+void vc_q4_1_gemm(const float* x, int64_t m, int64_t k, const uint8_t* w, int64_t n, float* y,
+                  const float* lora_a, int64_t rank, const int64_t* tile_low, const float* lora_b) {
+    gemm<Q4>(x, m, k, w, n, y, lora_a, rank, tile_low, lora_b);
 }
 
-void vc_q8_0_gemm(const float* x, int64_t m, int64_t k, const uint8_t* w, int64_t n, float* y) {
-    gemm<Q8>(x, m, k, w, n, y);
+void vc_q8_0_gemm(const float* x, int64_t m, int64_t k, const uint8_t* w, int64_t n, float* y,
+                  const float* lora_a, int64_t rank, const int64_t* tile_low, const float* lora_b) {
+    gemm<Q8>(x, m, k, w, n, y, lora_a, rank, tile_low, lora_b);
 }
 
 int64_t vc_q4_1_block_bytes() { return Q4_BLOCK; }

@@ -117,7 +117,9 @@ def test_a_base_is_found_under_merged_lora_factors_and_multiplied_apart_from_the
     assert BlockWeight.from_float(merged) is None  # the merged values are no block format
     found = BlockWeight.for_layers(merged, [_layer(merged, lora)])
     assert found is not None and found.fmt == "q4_1"
-    assert found.low_rank_a.shape == (96, 4) and found.low_rank_b.shape == (4, 80)
+    low = found.low_rank
+    assert low.a.shape == (4, 96) and low.b.shape == (5 * 4 * 16,)  # 5 tiles of (rank, 16)
+    assert low.tile_low.tolist() == [[0, 4, 64 * t] for t in range(5)]
     x = torch.randn(5, 96)
     torch.testing.assert_close(found.multiply(x), x @ merged.t())
     # the blocks hold the base itself: with the factors set aside, the one-hot rows show it
@@ -142,10 +144,12 @@ def test_stacked_siblings_with_and_without_factors_share_one_low_rank_product() 
     stacked = torch.cat([q_weight, k_weight, v_weight])
     found = BlockWeight.for_layers(stacked, layers)
     assert found is not None
-    b = found.low_rank_b  # (4 + 2, 80): block-diagonal, nothing for v
-    assert torch.equal(b[:4, 48:], torch.zeros(4, 32)) and torch.equal(
-        b[4:, :48], torch.zeros(2, 48)
-    )
-    assert torch.equal(b[:, 64:], torch.zeros(6, 16))
+    # Each tile reads its own layer's columns of u = x @ a^T (q: 0-3, k: 4-5) and its b; v none.
+    low = found.low_rank
+    assert low.a.shape == (6, 64)
+    assert low.tile_low.tolist() == [
+        [0, 4, 0], [0, 4, 64], [0, 4, 128], [4, 2, 192], [6, 0, 224]
+    ]  # fmt: skip
+    assert torch.equal(low.b[:64].view(4, 16), (q_lora.b[:16] * 2.0).t())
     x = torch.randn(3, 64)
     torch.testing.assert_close(found.multiply(x), x @ stacked.t())

@@ -248,7 +248,7 @@ def test_block_format_weights_match_through_the_block_kernels(
     )
     products = engine.runner.linears.products
     assert products and all(p.block_weight is not None for p in products)
-    assert all((p.block_weight.low_rank_a is not None) == bool(lora_rank) for p in products[:-1])
+    assert all((p.block_weight.low_rank is not None) == bool(lora_rank) for p in products[:-1])
     calls = []
     gemm = block_kernels.gemm
     with pytest.MonkeyPatch.context() as patch:
