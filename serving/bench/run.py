@@ -238,13 +238,22 @@ def splitfuse_comparison(model, tokenizer, cfg: BenchConfig) -> dict[str, Any]:
     return results
 
 
-def weight_bytes_per_token(language_model: torch.nn.Module) -> int:
-    """Bytes of weights a decode step reads: every parameter once (tied embeddings are one)."""
+def weight_bytes_per_token(language_model: torch.nn.Module, engine: Engine | None = None) -> int:
+    """Bytes of weights a one-row decode step reads: every parameter once (tied embeddings are
+    one), except that where `engine` multiplies a product's block form at one row (its block
+    kernels, serving/engine/block_weights.py) it reads the blocks and their low-rank factors
+    instead of the float32 weights."""
     seen, total = set(), 0
     for p in language_model.parameters():
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()
+    linears = None if engine is None else engine.runner.linears
+    if linears is not None and linears.choice.kernel_for(1) == "blocks":
+        for product in linears.products:
+            if product.block_weight is not None:
+                weight = product.weight
+                total += product.block_weight.num_bytes - weight.numel() * weight.element_size()
     return total
 
 
@@ -264,7 +273,7 @@ def _single_stream(engine: Engine, cfg: BenchConfig) -> dict[str, Any]:
     for _ in range(3):
         result = wl.run_engine(engine, [chat], [cfg.single_stream_tokens])
         rates.append(result.tokens_per_second)
-    weight_bytes = weight_bytes_per_token(engine.model.language_model)
+    weight_bytes = weight_bytes_per_token(engine.model.language_model, engine)
     # The machine's read bandwidth moves from minute to minute (it is shared: 35 to 68 GB/s
     # within one session), so each round measures the bandwidth and then the decode rates right
     # after it, and each fraction quoted is the median of the rounds' own fractions.
@@ -303,6 +312,7 @@ def _single_stream(engine: Engine, cfg: BenchConfig) -> dict[str, Any]:
     return {
         "end_to_end_tok_s_median": sorted(rates)[1],
         "weight_bytes": weight_bytes,
+        "float32_weight_bytes": weight_bytes_per_token(engine.model.language_model),
         **{key: middle(key) for key in rounds[0]},
         "rounds": rounds,
     }

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from block_formats import q4_1_values, q8_0_values
+from block_formats import make_gguf_like, q4_1_values, q8_0_values
+from engine_testing import model_copy
 from torch import nn
 
-from serving.engine import block_kernels
+from serving.bench.run import weight_bytes_per_token
+from serving.engine import Engine, EngineConfig, block_kernels
 from serving.engine.block_weights import BlockWeight, pack_q4_1, pack_q8_0
 from visualchat.model.delta import MergedLora
 
@@ -153,3 +155,20 @@ def test_stacked_siblings_with_and_without_factors_share_one_low_rank_product() 
     assert torch.equal(low.b[:64].view(4, 16), (q_lora.b[:16] * 2.0).t())
     x = torch.randn(3, 64)
     torch.testing.assert_close(found.multiply(x), x @ stacked.t())
+
+
+def test_the_single_stream_bound_counts_the_blocks_the_engine_reads() -> None:
+    """The bench's bandwidth bound divides by the bytes a one-row step reads: the blocks (and
+    factors) where the engine multiplies blocks at one row, not the float32 copies."""
+    model, tokenizer = model_copy()
+    make_gguf_like(model.language_model, lora_rank=4)
+    full = weight_bytes_per_token(model.language_model)
+    engine = Engine(model, tokenizer, EngineConfig(num_blocks=64, linear_kernels="blocks"))
+    products = engine.runner.linears.products
+    assert engine.runner.linears.choice.kernel_for(1) == "blocks"
+    floats = sum(p.weight.numel() * 4 for p in products)
+    blocks = sum(p.block_weight.num_bytes for p in products)
+    assert weight_bytes_per_token(model.language_model, engine) == full - floats + blocks
+    assert blocks < floats
+    linear = Engine(*model_copy(), EngineConfig(num_blocks=64, linear_kernels="linear"))
+    assert weight_bytes_per_token(linear.model.language_model, linear) == full
