@@ -397,6 +397,15 @@ def run_serving_bench(cfg: BenchConfig, parts: tuple[str, ...] | None = None) ->
         del throughput_engine
     if "single_stream" in parts:
         results["single_stream"] = _single_stream(engine, cfg)
+        linears = engine.runner.linears
+        if linears is not None and linears.choice.kernel_for(1) == "blocks":
+            # The same stream on the float32 weights: the bound moves with the bytes a step
+            # reads (4 bytes a weight there against ~0.75 in blocks), so both are reported.
+            float_engine = Engine(
+                copy.deepcopy(model), tokenizer, EngineConfig(block_kernels=False)
+            )
+            results["single_stream_float32"] = _single_stream(float_engine, cfg)
+            del float_engine
     if "splitfuse" in parts:
         results["splitfuse"] = splitfuse_comparison(model, tokenizer, cfg)
     if "curve" in parts:
@@ -473,6 +482,15 @@ def format_table(results: dict[str, Any]) -> str:
             )
         )
         rows.append(("single stream fraction of bandwidth bound", f"{ss['fraction_of_bound']:.2f}"))
+        floats = results.get("single_stream_float32")
+        if floats:
+            rows.append(
+                (
+                    "single stream on float32 weights tok/s (bound), fraction",
+                    f"{floats['decode_tok_s']:.1f} ({floats['bandwidth_bound_tok_s']:.1f}), "
+                    f"{floats['fraction_of_bound']:.2f}",
+                )
+            )
         rows.append(
             (
                 "single stream through the EngineLoop thread tok/s, fraction",

@@ -4,7 +4,7 @@ kernels (`block_kernels.py`, `native/block_gemm.cpp`).
 Why. A GGUF file stores a model's weights in blocks of 32 with a float16 scale (and offset):
 Q4_1 as w = d * q + m with q in 0..15, Q8_0 as w = d * q with q in -128..127. transformers
 dequantizes them to float32 on load, so every product reads 4 bytes a weight where the file
-held 0.56 (Q4_1) or 1.06 (Q8_0). Those float32 values are still exactly a block format, and
+held 0.625 (Q4_1) or 1.0625 (Q8_0). Those float32 values are still exactly a block format, and
 the blocks can be found again from the values alone, with no knowledge of the file or of how a
 loader renamed or permuted the tensors:
 
@@ -14,8 +14,15 @@ loader renamed or permuted the tensors:
 
 A weight counts as a block format only if every one of its blocks rebuilds to the float32 value
 bit for bit (`from_float` checks it; one block off and the weight stays float32), so the block
-kernels multiply the very weights the float32 model holds. With d a float16 value, d * q is
-exact in float32 and the kernel's fused d * q + m rounds once, as the float32 sum does.
+kernels multiply the very weights the float32 model holds: with d and m float16 values, d * q is
+exact in float32, and the kernel's fused d * q + m rounds once where gguf's numpy rounded
+twice, the first time exactly.
+
+A LoRA adapter merged into a layer (as `visualchat.model.delta` loads one) leaves no block
+format behind, but its factors are kept on the layer (`merged_lora`): `BlockWeight.for_layers`
+looks for the blocks of the base under them, redoes the merge on the base it found and accepts
+it only if that gives the merged weight to the bit, and the product then adds the low-rank term
+(x @ a^T) @ b^T to the base's. That equals the merged product up to the merge's own rounding.
 
 The packed layout (per 16 outputs by 32 inputs, tiles outermost) is the kernel's; its comment in
 `block_gemm.cpp` is the reference.

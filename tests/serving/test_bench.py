@@ -10,6 +10,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+from block_formats import make_gguf_like
 from factories import make_model
 
 from serving.bench import workloads as wl
@@ -20,7 +21,8 @@ from serving.bench.run import (
     format_table,
     run_serving_bench,
 )
-from serving.engine import Engine, EngineConfig
+from serving.engine import Engine, EngineConfig, linear_kernels
+from serving.engine.linear_kernels import KernelChoice
 from visualchat.api import VisualChat
 from visualchat.cli import main
 from visualchat.model.loading import save_pretrained
@@ -223,3 +225,27 @@ def test_every_batching_system_is_warmed_up_on_other_images_first(
         *(tiny_config.batching_rounds * one_round),
         "run_sequential",
     ]
+
+
+def test_a_block_format_model_gets_its_stream_also_measured_on_float32_weights(
+    tiny_config: BenchConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the engine multiplies blocks at one row, the bound divides by the blocks' bytes;
+    the same stream on the float32 weights is measured beside it, against its own bound."""
+    model, tokenizer = make_model(seed=2, attention="causal")
+    make_gguf_like(model.language_model)
+    save_pretrained(model, tokenizer, tmp_path / "gguf_like")
+    monkeypatch.setattr(  # blocks wherever they are timed, whatever this machine would pick
+        linear_kernels,
+        "choose_kernels",
+        lambda products, kernels, **_: (
+            KernelChoice.always("blocks" if "blocks" in kernels else "linear"),
+            {1: {}},
+        ),
+    )
+    config = dataclasses.replace(tiny_config, model=str(tmp_path / "gguf_like"))
+    results = run_serving_bench(config, parts=("single_stream",))
+    blocks, floats = results["single_stream"], results["single_stream_float32"]
+    assert blocks["weight_bytes"] < floats["weight_bytes"] == floats["float32_weight_bytes"]
+    assert blocks["float32_weight_bytes"] == floats["weight_bytes"]
+    assert "single stream on float32 weights" in format_table(results)

@@ -5,7 +5,7 @@
 // kernels read the blocks themselves (about 0.75 and 1.1 bytes a weight with this layout's
 // float32 scales) and rebuild each weight exactly as the float32 copy holds it:
 //
-//   Q4_1: w = d * q + m, q in 0..15;  Q8_0: w = d * q, q in -127..127
+//   Q4_1: w = d * q + m, q in 0..15;  Q8_0: w = d * q, q in -128..127
 //
 // with d and m float16 values (checked when the blocks are made, see block_weights.py), so d * q
 // is exact in float32 and a fused multiply-add rounds d * q + m once, as gguf's numpy
@@ -18,6 +18,9 @@
 //   Q4_1 block (384 bytes): float d[16], float m[16], uint8 codes[16][16]
 //                           codes[p][j] = q[j][2p] | q[j][2p+1] << 4   (j: column in the tile)
 //   Q8_0 block (576 bytes): float d[16], int8 codes[32][16]            codes[k][j] = q[j][k]
+//
+// A call may add a low-rank term (x @ a^T) @ b, the factors of a LoRA adapter merged into the
+// weight, whose base the blocks hold (see block_weights.py and `Rows` below).
 //
 // Each call runs M rows (any M; 16 at a time) over all tiles, the tiles split among OpenMP
 // threads. The library links libgomp by soname, so inside torch's process it shares torch's

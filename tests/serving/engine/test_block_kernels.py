@@ -96,3 +96,19 @@ def test_a_failed_build_leaves_nothing_behind_and_says_why(
         assert block_kernels.library() is None
     assert "the build failed" in caplog.text
     assert list(fresh_library.iterdir()) == []
+
+
+def test_low_rank_factors_that_do_not_fit_are_refused() -> None:
+    a, b = torch.randn(4, 32), torch.randn(2 * 4 * 16)
+    tiles = torch.tensor([[0, 4, 0], [0, 4, 64]])
+    block_kernels.LowRank(a, tiles, b)  # fits: 2 tiles of (4, 16)
+    with pytest.raises(ValueError, match="outside"):
+        block_kernels.LowRank(a, torch.tensor([[0, 4, 0], [2, 4, 64]]), b)  # u columns 2..5 of 4
+    with pytest.raises(ValueError, match="outside"):
+        block_kernels.LowRank(a, torch.tensor([[0, 4, 0], [0, 4, 96]]), b)  # b past its end
+    with pytest.raises(ValueError, match="float32"):
+        block_kernels.LowRank(a.double(), tiles, b)
+    with pytest.raises(ValueError, match="int64"):
+        block_kernels.LowRank(a, tiles.int(), b)
+    with pytest.raises(ValueError, match="contiguous"):
+        block_kernels.LowRank(torch.randn(32, 4).t(), tiles, b)
