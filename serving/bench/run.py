@@ -20,6 +20,7 @@ import torch
 
 from serving.bench import workloads as wl
 from serving.engine import Engine, EngineConfig, EngineLoop
+from serving.engine.linear_kernels import EngineLinears
 from visualchat.api import VisualChat
 from visualchat.atomic import atomic_save_figure, atomic_write_json
 
@@ -238,17 +239,18 @@ def splitfuse_comparison(model, tokenizer, cfg: BenchConfig) -> dict[str, Any]:
     return results
 
 
-def weight_bytes_per_token(language_model: torch.nn.Module, engine: Engine | None = None) -> int:
+def weight_bytes_per_token(
+    language_model: torch.nn.Module, linears: EngineLinears | None = None
+) -> int:
     """Bytes of weights a one-row decode step reads: every parameter once (tied embeddings are
-    one), except that where `engine` multiplies a product's block form at one row (its block
-    kernels, serving/engine/block_weights.py) it reads the blocks and their low-rank factors
-    instead of the float32 weights."""
+    one), except that where `linears` (an engine's kernels) multiply a product's block form at
+    one row (serving/engine/block_weights.py) the step reads the blocks and their low-rank
+    factors instead of the float32 weights."""
     seen, total = set(), 0
     for p in language_model.parameters():
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()
-    linears = None if engine is None else engine.runner.linears
     if linears is not None and linears.choice.kernel_for(1) == "blocks":
         for product in linears.products:
             if product.block_weight is not None:
@@ -273,7 +275,7 @@ def _single_stream(engine: Engine, cfg: BenchConfig) -> dict[str, Any]:
     for _ in range(3):
         result = wl.run_engine(engine, [chat], [cfg.single_stream_tokens])
         rates.append(result.tokens_per_second)
-    weight_bytes = weight_bytes_per_token(engine.model.language_model, engine)
+    weight_bytes = weight_bytes_per_token(engine.model.language_model, engine.runner.linears)
     # The machine's read bandwidth moves from minute to minute (it is shared: 35 to 68 GB/s
     # within one session), so each round measures the bandwidth and then the decode rates right
     # after it, and each fraction quoted is the median of the rounds' own fractions.

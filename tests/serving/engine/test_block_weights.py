@@ -168,7 +168,10 @@ def test_the_single_stream_bound_counts_the_blocks_the_engine_reads() -> None:
     assert engine.runner.linears.choice.kernel_for(1) == "blocks"
     floats = sum(p.weight.numel() * 4 for p in products)
     blocks = sum(p.block_weight.num_bytes for p in products)
-    assert weight_bytes_per_token(model.language_model, engine) == full - floats + blocks
+    assert (
+        weight_bytes_per_token(model.language_model, engine.runner.linears)
+        == full - floats + blocks
+    )
     assert blocks < floats
     linear = Engine(*model_copy(), EngineConfig(num_blocks=64, linear_kernels="linear"))
-    assert weight_bytes_per_token(linear.model.language_model, linear) == full
+    assert weight_bytes_per_token(linear.model.language_model, linear.runner.linears) == full
