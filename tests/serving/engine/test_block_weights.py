@@ -9,8 +9,9 @@ from engine_testing import model_copy
 from torch import nn
 
 from serving.bench.run import weight_bytes_per_token
-from serving.engine import Engine, EngineConfig, block_kernels
+from serving.engine import Engine, EngineConfig, block_kernels, linear_kernels
 from serving.engine.block_weights import BlockWeight, pack_q4_1, pack_q8_0
+from serving.engine.linear_kernels import EngineLinears, KernelChoice
 from visualchat.model.delta import MergedLora
 
 pytestmark = pytest.mark.skipif(
@@ -175,3 +176,26 @@ def test_the_single_stream_bound_counts_the_blocks_the_engine_reads() -> None:
     assert blocks < floats
     linear = Engine(*model_copy(), EngineConfig(num_blocks=64, linear_kernels="linear"))
     assert weight_bytes_per_token(linear.model.language_model, linear.runner.linears) == full
+
+
+@pytest.mark.parametrize("winner", ["blocks", "packed"])
+def test_block_copies_are_kept_only_when_blocks_are_chosen(winner: str, monkeypatch) -> None:
+    def choose(products, kernels, **_):  # linear at one row, `winner` from 8 on
+        assert "blocks" in kernels  # the block forms were found, so they were timed
+        seconds = {
+            1: {k: 1.0 if k == "linear" else 2.0 for k in kernels},
+            8: {k: 1.0 if k == winner else 2.0 for k in kernels},
+        }
+        return KernelChoice.fastest(seconds), seconds
+
+    monkeypatch.setattr(linear_kernels, "choose_kernels", choose)
+    model, _ = model_copy()
+    make_gguf_like(model.language_model)
+    linears = EngineLinears(model.language_model, 2, kernels="auto", give_back=False)
+    assert linears.choice.by_rows == {1: "linear", 8: winner}
+    held = [p.block_weight is not None for p in linears.products]
+    if winner == "blocks":
+        assert all(held)
+        assert linears.block_bytes == sum(p.block_weight.num_bytes for p in linears.products) > 0
+    else:
+        assert not any(held) and linears.block_bytes == 0
