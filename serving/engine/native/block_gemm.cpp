@@ -31,6 +31,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -56,37 +57,25 @@ inline f32x16 load_f32x16(const uint8_t* p) {
     return v;
 }
 
-// 16 bytes -> 16 int32 lanes. GCC 12 lowers __builtin_convertvector of bytes to one insert per
-// byte, so the x86 widening instructions are named where the target has them.
-inline i32x16 widen_u8(const uint8_t* p) {
+// 16 bytes -> 16 int32 lanes, zero- or sign-extended. GCC 12 lowers __builtin_convertvector of
+// bytes to one insert per byte, so the x86 widening instructions are named where the target has
+// them.
+template <bool Signed>
+inline i32x16 widen(const uint8_t* p) {
 #if defined(__AVX512F__)
-    return (i32x16)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+    const __m128i bytes = _mm_loadu_si128((const __m128i*)p);
+    return (i32x16)(Signed ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes));
 #elif defined(__AVX2__)
-    __m128i bytes = _mm_loadu_si128((const __m128i*)p);
-    __m256i low = _mm256_cvtepu8_epi32(bytes), high = _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8));
+    const __m128i bytes = _mm_loadu_si128((const __m128i*)p), rest = _mm_srli_si128(bytes, 8);
+    const __m256i low = Signed ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes);
+    const __m256i high = Signed ? _mm256_cvtepi8_epi32(rest) : _mm256_cvtepu8_epi32(rest);
     i32x16 v;
     std::memcpy(&v, &low, 32);
     std::memcpy((char*)&v + 32, &high, 32);
     return v;
 #else
-    u8x16 bytes;
-    std::memcpy(&bytes, p, sizeof bytes);
-    return __builtin_convertvector(bytes, i32x16);
-#endif
-}
-
-inline i32x16 widen_i8(const uint8_t* p) {
-#if defined(__AVX512F__)
-    return (i32x16)_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p));
-#elif defined(__AVX2__)
-    __m128i bytes = _mm_loadu_si128((const __m128i*)p);
-    __m256i low = _mm256_cvtepi8_epi32(bytes), high = _mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8));
-    i32x16 v;
-    std::memcpy(&v, &low, 32);
-    std::memcpy((char*)&v + 32, &high, 32);
-    return v;
-#else
-    i8x16 bytes;
+    typedef std::conditional_t<Signed, i8x16, u8x16> bytes16;
+    bytes16 bytes;
     std::memcpy(&bytes, p, sizeof bytes);
     return __builtin_convertvector(bytes, i32x16);
 #endif
@@ -132,101 +121,83 @@ inline void store(const Rows& a, int64_t tile0, f32x16 (&acc)[M][NB]) {
             std::memcpy(a.y + r * a.n + (tile0 + b) * TILE, &acc[r][b], sizeof(f32x16));
 }
 
-// NB column tiles side by side so small M still has M * NB independent accumulator chains
-// (a fused multiply-add has 4 cycles of latency and two of them issue per cycle).
-template <int M, int NB>
-void q4_tiles(const Rows& a, int64_t tile0) {
+// The two formats: how many float32 scales a block starts with (d, or d and m), and how its
+// codes give the weights of `STEP` consecutive inputs for the tile's 16 outputs.
+struct Q4_1 {
+    static constexpr int64_t BLOCK = Q4_BLOCK;
+    static constexpr int SCALES = 2;  // d, m
+    static constexpr int STEP = 2;    // one byte holds inputs 2p (low nibble) and 2p + 1
+    static inline void decode(const uint8_t* codes, int p, f32x16 d, f32x16 m, f32x16 (&w)[STEP]) {
+        const i32x16 v = widen<false>(codes + p * TILE);
+        w[0] = fma(__builtin_convertvector(v & 15, f32x16), d, m);
+        w[1] = fma(__builtin_convertvector(v >> 4, f32x16), d, m);
+    }
+};
+
+struct Q8_0 {
+    static constexpr int64_t BLOCK = Q8_BLOCK;
+    static constexpr int SCALES = 1;  // d
+    static constexpr int STEP = 1;
+    static inline void decode(const uint8_t* codes, int k, f32x16 d, f32x16, f32x16 (&w)[STEP]) {
+        w[0] = __builtin_convertvector(widen<true>(codes + k * TILE), f32x16) * d;  // exact
+    }
+};
+
+// M rows by NB column tiles side by side, so small M still has M * NB independent accumulator
+// chains (a fused multiply-add has 4 cycles of latency and two of them issue per cycle).
+template <class Format, int M, int NB>
+void tiles(const Rows& a, int64_t tile0) {
+    constexpr int STEP = Format::STEP;
     f32x16 acc[M][NB];
     for (int r = 0; r < M; ++r)
         for (int b = 0; b < NB; ++b) acc[r][b] = f32x16{};
-    const uint8_t* tiles[NB];
-    for (int b = 0; b < NB; ++b) tiles[b] = a.w + (tile0 + b) * a.groups * Q4_BLOCK;
+    const uint8_t* first[NB];
+    for (int b = 0; b < NB; ++b) first[b] = a.w + (tile0 + b) * a.groups * Format::BLOCK;
     for (int64_t g = 0; g < a.groups; ++g) {
         f32x16 d[NB], m[NB];
         const uint8_t* codes[NB];
         for (int b = 0; b < NB; ++b) {
-            const uint8_t* block = tiles[b] + g * Q4_BLOCK;
+            const uint8_t* block = first[b] + g * Format::BLOCK;
             d[b] = load_f32x16(block);
-            m[b] = load_f32x16(block + 64);
-            codes[b] = block + 128;
-        }
-        const float* xg = a.x + g * GROUP;
-#pragma GCC unroll 2
-        for (int p = 0; p < GROUP / 2; ++p) {
-            for (int b = 0; b < NB; ++b) {
-                i32x16 v = widen_u8(codes[b] + p * TILE);
-                f32x16 w0 = fma(__builtin_convertvector(v & 15, f32x16), d[b], m[b]);
-                f32x16 w1 = fma(__builtin_convertvector(v >> 4, f32x16), d[b], m[b]);
-                for (int r = 0; r < M; ++r) {
-                    acc[r][b] = fma(w0, xg[r * a.k + 2 * p] - f32x16{}, acc[r][b]);
-                    acc[r][b] = fma(w1, xg[r * a.k + 2 * p + 1] - f32x16{}, acc[r][b]);
-                }
-            }
-        }
-    }
-    store<M, NB>(a, tile0, acc);
-}
-
-template <int M, int NB>
-void q8_tiles(const Rows& a, int64_t tile0) {
-    f32x16 acc[M][NB];
-    for (int r = 0; r < M; ++r)
-        for (int b = 0; b < NB; ++b) acc[r][b] = f32x16{};
-    const uint8_t* tiles[NB];
-    for (int b = 0; b < NB; ++b) tiles[b] = a.w + (tile0 + b) * a.groups * Q8_BLOCK;
-    for (int64_t g = 0; g < a.groups; ++g) {
-        f32x16 d[NB];
-        const uint8_t* codes[NB];
-        for (int b = 0; b < NB; ++b) {
-            const uint8_t* block = tiles[b] + g * Q8_BLOCK;
-            d[b] = load_f32x16(block);
-            codes[b] = block + 64;
+            m[b] = Format::SCALES > 1 ? load_f32x16(block + 64) : f32x16{};
+            codes[b] = block + 64 * Format::SCALES;
         }
         const float* xg = a.x + g * GROUP;
 #pragma GCC unroll 4
-        for (int k = 0; k < GROUP; ++k) {
+        for (int p = 0; p < GROUP / STEP; ++p) {
             for (int b = 0; b < NB; ++b) {
-                f32x16 wk = __builtin_convertvector(widen_i8(codes[b] + k * TILE), f32x16);
-                wk = wk * d[b];  // exact: 8 by 11 significant bits
-                for (int r = 0; r < M; ++r)
-                    acc[r][b] = fma(wk, xg[r * a.k + k] - f32x16{}, acc[r][b]);
+                f32x16 w[STEP];
+                Format::decode(codes[b], p, d[b], m[b], w);
+                for (int s = 0; s < STEP; ++s)
+                    for (int r = 0; r < M; ++r)
+                        acc[r][b] = fma(w[s], xg[r * a.k + STEP * p + s] - f32x16{}, acc[r][b]);
             }
         }
     }
     store<M, NB>(a, tile0, acc);
 }
-
-template <int M, int NB>
-struct Q4 {
-    static void run(const Rows& a, int64_t tile0) { q4_tiles<M, NB>(a, tile0); }
-};
-
-template <int M, int NB>
-struct Q8 {
-    static void run(const Rows& a, int64_t tile0) { q8_tiles<M, NB>(a, tile0); }
-};
 
 // Tiles side by side by row count: enough independent chains at 1-2 rows, registers at 16.
 constexpr int tiles_side_by_side(int rows) { return rows <= 2 ? 4 : rows <= 8 ? 2 : 1; }
 constexpr int64_t RUN = 4;  // tiles per unit of work: a multiple of every tiles_side_by_side
 
 // Tiles [first, last) for M rows: NB tiles at a time, the rest one by one.
-template <template <int, int> class F, int M>
+template <class Format, int M>
 void rows_over_tiles(const Rows& a, int64_t first, int64_t last) {
     constexpr int NB = tiles_side_by_side(M);
     int64_t tile = first;
-    for (; tile + NB <= last; tile += NB) F<M, NB>::run(a, tile);
-    for (; tile < last; ++tile) F<M, 1>::run(a, tile);
+    for (; tile + NB <= last; tile += NB) tiles<Format, M, NB>(a, tile);
+    for (; tile < last; ++tile) tiles<Format, M, 1>(a, tile);
 }
 
-template <template <int, int> class F>
+template <class Format>
 void step_over_tiles(int64_t rows, const Rows& a, int64_t first, int64_t last) {
 #define VC_ROWS(M) \
-    case M: rows_over_tiles<F, M>(a, first, last); break;
+    case M: rows_over_tiles<Format, M>(a, first, last); break;
     switch (rows) {
         VC_ROWS(1) VC_ROWS(2) VC_ROWS(3) VC_ROWS(4) VC_ROWS(5) VC_ROWS(6) VC_ROWS(7) VC_ROWS(8)
         VC_ROWS(9) VC_ROWS(10) VC_ROWS(11) VC_ROWS(12) VC_ROWS(13) VC_ROWS(14) VC_ROWS(15)
-        default: rows_over_tiles<F, 16>(a, first, last); break;
+        default: rows_over_tiles<Format, 16>(a, first, last); break;
     }
 #undef VC_ROWS
 }
@@ -255,7 +226,7 @@ void low_rank_input(const float* x, int64_t m, int64_t k, const float* lora_a, i
 
 // Every tile of the weight for all m rows: runs of 4 tiles are split among the threads; within a
 // run, row steps of 16 reuse the run's blocks from cache.
-template <template <int, int> class F>
+template <class Format>
 void gemm(const float* x, int64_t m, int64_t k, const uint8_t* w, int64_t n, float* y,
           const float* lora_a, int64_t rank, const int64_t* tile_low, const float* lora_b) {
     std::vector<float> u(rank > 0 ? m * rank : 0);
@@ -278,7 +249,7 @@ void gemm(const float* x, int64_t m, int64_t k, const uint8_t* w, int64_t n, flo
                          rank,
                          tile_low,
                          lora_b};
-            step_over_tiles<F>(rows, a, first, last);
+            step_over_tiles<Format>(rows, a, first, last);
         }
     }
 }
@@ -292,12 +263,12 @@ extern "C" {
 // (x @ a^T) @ b is added: lora_a (rank, k); tile_low (n / 16, 3) and lora_b as `Rows` says.
 void vc_q4_1_gemm(const float* x, int64_t m, int64_t k, const uint8_t* w, int64_t n, float* y,
                   const float* lora_a, int64_t rank, const int64_t* tile_low, const float* lora_b) {
-    gemm<Q4>(x, m, k, w, n, y, lora_a, rank, tile_low, lora_b);
+    gemm<Q4_1>(x, m, k, w, n, y, lora_a, rank, tile_low, lora_b);
 }
 
 void vc_q8_0_gemm(const float* x, int64_t m, int64_t k, const uint8_t* w, int64_t n, float* y,
                   const float* lora_a, int64_t rank, const int64_t* tile_low, const float* lora_b) {
-    gemm<Q8>(x, m, k, w, n, y, lora_a, rank, tile_low, lora_b);
+    gemm<Q8_0>(x, m, k, w, n, y, lora_a, rank, tile_low, lora_b);
 }
 
 int64_t vc_q4_1_block_bytes() { return Q4_BLOCK; }
