@@ -21,6 +21,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,6 +163,45 @@ class LowRank:
         return sum(t.numel() * t.element_size() for t in (self.a, self.tile_low, self.b))
 
 
+def product(
+    fmt: str, blocks: torch.Tensor, out_features: int, low_rank: LowRank | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """multiply(x): (m, k) float32 @ W^T -> (m, out_features), W held as `fmt` blocks
+    (block_weights.py), plus the low-rank term when there is one, in the same call. Checked and
+    bound here once: a decode step makes ~120 of these calls, and their Python is most of a
+    small one's time (bound: 7 us a call on a 16 x 32 weight, 4 of them the ctypes call itself;
+    checked per call as before: 10 us)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the block-format kernels are not available here (see the log)")
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown block format {fmt!r}; known: {FORMATS}")
+    if blocks.dim() != 3 or blocks.dtype != torch.uint8 or not blocks.is_contiguous():
+        raise ValueError("blocks must be (tiles, groups, block bytes) contiguous uint8")
+    if blocks.shape[0] * 16 != out_features or blocks.shape[2] != block_bytes(fmt):
+        raise ValueError(f"{tuple(blocks.shape)} blocks do not hold {out_features} {fmt} outputs")
+    k = blocks.shape[1] * 32
+    low = (None, 0, None, None)
+    if low_rank is not None:
+        if low_rank.a.shape[1] != k or low_rank.tile_low.shape[0] != blocks.shape[0]:
+            raise ValueError("the low-rank factors do not fit this product")
+        a, tile_low, b = low_rank.a, low_rank.tile_low, low_rank.b
+        low = (a.data_ptr(), a.shape[0], tile_low.data_ptr(), b.data_ptr())
+    function, weights = getattr(lib, f"vc_{fmt}_gemm"), blocks.data_ptr()
+
+    def multiply(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != k:
+            raise ValueError(f"the block kernels take (rows, {k}) float32 CPU inputs")
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], out_features)
+        if x.shape[0]:
+            function(x.data_ptr(), x.shape[0], k, weights, out_features, y.data_ptr(), *low)
+        return y
+
+    multiply.holds = (blocks, low_rank)  # the memory behind the bound pointers stays alive
+    return multiply
+
+
 def gemm(
     fmt: str,
     x: torch.Tensor,
@@ -169,35 +209,5 @@ def gemm(
     out_features: int,
     low_rank: LowRank | None = None,
 ) -> torch.Tensor:
-    """(m, k) float32 @ W^T -> (m, out_features), W held as `fmt` blocks (block_weights.py),
-    plus the low-rank term when there is one, in the same call."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the block-format kernels are not available here (see the log)")
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown block format {fmt!r}; known: {FORMATS}")
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2:
-        raise ValueError("the block kernels take (rows, in) float32 CPU inputs")
-    x = x.contiguous()
-    y = torch.empty(x.shape[0], out_features)
-    if not x.shape[0]:
-        return y
-    a_ptr, rank, tiles_ptr, b_ptr = None, 0, None, None
-    if low_rank is not None:
-        if low_rank.a.shape[1] != x.shape[1] or low_rank.tile_low.shape[0] * 16 != out_features:
-            raise ValueError("the low-rank factors do not fit this product")
-        a_ptr, rank = low_rank.a.data_ptr(), low_rank.a.shape[0]
-        tiles_ptr, b_ptr = low_rank.tile_low.data_ptr(), low_rank.b.data_ptr()
-    getattr(lib, f"vc_{fmt}_gemm")(
-        x.data_ptr(),
-        x.shape[0],
-        x.shape[1],
-        blocks.data_ptr(),
-        out_features,
-        y.data_ptr(),
-        a_ptr,
-        rank,
-        tiles_ptr,
-        b_ptr,
-    )
-    return y
+    """One product at once: `product(fmt, blocks, out_features, low_rank)(x)`."""
+    return product(fmt, blocks, out_features, low_rank)(x)

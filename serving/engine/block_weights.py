@@ -30,8 +30,8 @@ The packed layout (per 16 outputs by 32 inputs, tiles outermost) is the kernel's
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -139,6 +139,10 @@ class BlockWeight:
     out_features: int
     in_features: int
     low_rank: block_kernels.LowRank | None = None  # merged LoRA factors, set apart
+    # the kernel call, checked and bound on first use (see block_kernels.product)
+    _bound: Callable[[torch.Tensor], torch.Tensor] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def for_layers(cls, weight: torch.Tensor, layers: Sequence[nn.Module]) -> BlockWeight | None:
@@ -196,7 +200,11 @@ class BlockWeight:
 
     def multiply(self, rows: torch.Tensor) -> torch.Tensor:
         """(m, in) float32 -> (m, out)."""
-        return block_kernels.gemm(self.fmt, rows, self.blocks, self.out_features, self.low_rank)
+        if self._bound is None or self._bound.holds[1] is not self.low_rank:
+            self._bound = block_kernels.product(
+                self.fmt, self.blocks, self.out_features, self.low_rank
+            )
+        return self._bound(rows)
 
     @property
     def num_bytes(self) -> int:

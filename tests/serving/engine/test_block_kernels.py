@@ -112,3 +112,17 @@ def test_low_rank_factors_that_do_not_fit_are_refused() -> None:
         block_kernels.LowRank(a, tiles.int(), b)
     with pytest.raises(ValueError, match="contiguous"):
         block_kernels.LowRank(torch.randn(32, 4).t(), tiles, b)
+
+
+@needs_compiler
+def test_blocks_and_inputs_that_do_not_fit_are_refused_before_the_kernel_reads_them() -> None:
+    found = BlockWeight.from_float(q4_1_values(torch.randn(32, 64)))
+    multiply = block_kernels.product("q4_1", found.blocks, 32)
+    with pytest.raises(ValueError, match=r"\(rows, 64\)"):
+        multiply(torch.randn(2, 32))  # a row shorter than the weight's inputs
+    with pytest.raises(ValueError, match="do not hold"):
+        block_kernels.product("q4_1", found.blocks, 48)  # more outputs than the blocks hold
+    with pytest.raises(ValueError, match="do not hold"):
+        block_kernels.product("q8_0", found.blocks, 32)  # Q4_1 blocks read as Q8_0
+    with pytest.raises(ValueError, match="uint8"):
+        block_kernels.product("q4_1", found.blocks.view(torch.int8), 32)

@@ -21,6 +21,7 @@ from engine_testing import (
 )
 
 from serving.engine import Engine, EngineConfig, block_kernels
+from serving.engine.block_weights import BlockWeight
 from serving.engine.decode_mirror import HEADROOM
 from visualchat.api import VisualChat
 from visualchat.sampling import SamplingParams
@@ -250,9 +251,13 @@ def test_block_format_weights_match_through_the_block_kernels(
     assert products and all(p.block_weight is not None for p in products)
     assert all((p.block_weight.low_rank is not None) == bool(lora_rank) for p in products[:-1])
     calls = []
-    gemm = block_kernels.gemm
+    multiply = BlockWeight.multiply
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(block_kernels, "gemm", lambda *a: calls.append(a[0]) or gemm(*a))
+        patch.setattr(
+            BlockWeight,
+            "multiply",
+            lambda self, rows: calls.append(self.fmt) or multiply(self, rows),
+        )
         indices = [0, 1, 2, 5]
         results, _ = run_engine(engine, [(WORKLOAD[i], GREEDY) for i in indices])
     assert set(calls) == {"q4_1", "q8_0"}  # the body's Q4_1 and the head's Q8_0
