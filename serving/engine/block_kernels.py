@@ -6,6 +6,7 @@ flags, the compiler and the CPU stay the same. No torch headers are involved, so
 only a C++ compiler; the library links OpenMP by soname and so runs on torch's own OpenMP
 threads inside the process (checked: one libgomp is mapped after loading it).
 
+Where the cache folder cannot be written, the library is built in the temp folder instead.
 Where there is no compiler, or the build fails, `library()` logs why and returns None, and the
 engine multiplies the float32 weights as before.
 """
@@ -64,10 +65,17 @@ def _build(compiler: str) -> Path:
     key = hashlib.sha256(
         "\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode()
     ).hexdigest()[:16]
-    target = cache_dir() / f"block_gemm-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    name = f"block_gemm-{key}.so"
+    for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"visualchat-native-{os.getuid()}"):
+        target = folder / name
+        if target.exists():
+            return target
+        try:  # a cache folder that cannot be written (a read-only home): the temp folder then
+            folder.mkdir(parents=True, exist_ok=True)
+            if os.access(folder, os.W_OK):
+                break
+        except OSError:
+            logger.info("cannot write the kernel cache %s; trying the temp folder", folder)
     # Built beside the target and renamed into place: a concurrent process never loads half
     # a library, and two builds race only to write the same file.
     handle, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")

@@ -126,3 +126,20 @@ def test_blocks_and_inputs_that_do_not_fit_are_refused_before_the_kernel_reads_t
         block_kernels.product("q8_0", found.blocks, 32)  # Q4_1 blocks read as Q8_0
     with pytest.raises(ValueError, match="uint8"):
         block_kernels.product("q4_1", found.blocks.view(torch.int8), 32)
+
+
+@needs_compiler
+def test_a_cache_folder_that_cannot_be_made_falls_back_to_the_temp_folder(
+    tmp_path, monkeypatch
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv(block_kernels.CACHE_ENV, str(blocker / "cache"))  # under a file
+    monkeypatch.setattr(block_kernels.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    block_kernels.library.cache_clear()
+    try:
+        assert block_kernels.library() is not None
+        assert list((tmp_path / "tmp").glob("visualchat-native-*/block_gemm-*.so"))
+    finally:
+        block_kernels.library.cache_clear()
