@@ -37,6 +37,9 @@ FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-
 # The formats the library multiplies, by their llama.cpp names (see block_weights.py).
 FORMATS = ("q4_1", "q8_0")
 CACHE_ENV = "VISUALCHAT_NATIVE_CACHE"  # where built libraries are kept (default ~/.cache/...)
+# The kernel's layout (block_gemm.cpp): blocks of GROUP inputs by TILE outputs.
+GROUP = 32
+TILE = 16
 
 
 def cache_dir() -> Path:
@@ -136,7 +139,7 @@ def available() -> bool:
 
 
 def block_bytes(fmt: str) -> int:
-    """Bytes of one (16 outputs, 32 inputs) block of `fmt` in the library's layout."""
+    """Bytes of one (TILE outputs, GROUP inputs) block of `fmt` in the library's layout."""
     lib = library()
     if lib is None:
         raise RuntimeError("the block-format kernels are not available here (see the log)")
@@ -162,7 +165,7 @@ class LowRank:
             raise ValueError("tile_low must be (tiles, 3) int64")
         starts, ranks, offsets = self.tile_low.unbind(1)
         if bool(
-            (starts + ranks > self.a.shape[0]).any() | (offsets + 16 * ranks > len(self.b)).any()
+            (starts + ranks > self.a.shape[0]).any() | (offsets + TILE * ranks > len(self.b)).any()
         ):
             raise ValueError("tile_low points outside the factors")
 
@@ -186,9 +189,9 @@ def product(
         raise ValueError(f"unknown block format {fmt!r}; known: {FORMATS}")
     if blocks.dim() != 3 or blocks.dtype != torch.uint8 or not blocks.is_contiguous():
         raise ValueError("blocks must be (tiles, groups, block bytes) contiguous uint8")
-    if blocks.shape[0] * 16 != out_features or blocks.shape[2] != block_bytes(fmt):
+    if blocks.shape[0] * TILE != out_features or blocks.shape[2] != block_bytes(fmt):
         raise ValueError(f"{tuple(blocks.shape)} blocks do not hold {out_features} {fmt} outputs")
-    k = blocks.shape[1] * 32
+    k = blocks.shape[1] * GROUP
     low = (None, 0, None, None)
     if low_rank is not None:
         if low_rank.a.shape[1] != k or low_rank.tile_low.shape[0] != blocks.shape[0]:

@@ -30,6 +30,7 @@ The packed layout (per 16 outputs by 32 inputs, tiles outermost) is the kernel's
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -37,10 +38,9 @@ import torch
 from torch import nn
 
 from serving.engine import block_kernels
+from serving.engine.block_kernels import GROUP, TILE
 from visualchat.model.delta import MergedLora
 
-GROUP = 32  # inputs per block
-TILE = 16  # outputs per kernel tile
 # float16 neighbours of the first guess for d, in the order tried
 _NEIGHBOURS = (0, -1, 1, -2, 2)
 _ROWS_AT_ONCE = 4096  # rows recovered together: bounds the temporaries to ~150 MB
@@ -52,6 +52,31 @@ def _float16_steps(d: torch.Tensor, step: int) -> torch.Tensor:
     return bits.view(torch.float16).float()
 
 
+def _find_scales(
+    first: torch.Tensor,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    target: torch.Tensor,
+    delta: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per block, the first of d = `first` and its float16 neighbours whose codes
+    (`encode(d)`) rebuild (`decode(codes, d)`, plus delta) the target to the bit: (codes,
+    d (rows, groups, 1)), or None if some block has none."""
+    codes_found = torch.zeros_like(target)
+    d = torch.zeros_like(first)
+    found = torch.zeros_like(first, dtype=torch.bool)
+    for step in _NEIGHBOURS:
+        guess = _float16_steps(first, step) if step else first
+        codes = torch.where(guess > 0, encode(guess), torch.zeros_like(target))  # 0: constant
+        exact = _rebuilds(decode(codes, guess), target, delta) & ~found
+        codes_found = torch.where(exact, codes, codes_found)
+        d = torch.where(exact, guess, d)
+        found |= exact
+        if found.all():
+            return codes_found, d
+    return None
+
+
 def _q4_1(
     x: torch.Tensor, target: torch.Tensor, delta: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -60,20 +85,17 @@ def _q4_1(
     exactly, or None."""
     m = x.amin(-1, keepdim=True).half().float()  # (rows, groups, 1)
     first = ((x.amax(-1, keepdim=True) - m) / 15).half().float()
-    q = torch.zeros_like(x)
-    d = torch.zeros_like(m)
-    found = torch.zeros_like(m, dtype=torch.bool)
-    for step in _NEIGHBOURS:
-        guess = _float16_steps(first, step) if step else first
-        codes = ((x - m) / guess).round().clamp(0, 15)
-        codes = torch.where(guess > 0, codes, torch.zeros_like(codes))  # a constant block
-        exact = _rebuilds(codes * guess + m, target, delta) & ~found
-        q = torch.where(exact, codes, q)
-        d = torch.where(exact, guess, d)
-        found |= exact
-        if found.all():
-            return q.to(torch.uint8), d.squeeze(-1), m.squeeze(-1)
-    return None
+    found = _find_scales(
+        first,
+        lambda d: ((x - m) / d).round().clamp(0, 15),
+        lambda q, d: q * d + m,
+        target,
+        delta,
+    )
+    if found is None:
+        return None
+    q, d = found
+    return q.to(torch.uint8), d.squeeze(-1), m.squeeze(-1)
 
 
 def _q8_0(
@@ -81,20 +103,17 @@ def _q8_0(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """As `_q4_1` for Q8_0: (q int8 like x, d (rows, groups)) or None."""
     first = (x.abs().amax(-1, keepdim=True) / 127).half().float()
-    q = torch.zeros_like(x)
-    d = torch.zeros_like(first)
-    found = torch.zeros_like(first, dtype=torch.bool)
-    for step in _NEIGHBOURS:
-        guess = _float16_steps(first, step) if step else first
-        codes = torch.where(guess > 0, (x / guess).round(), torch.zeros_like(x))
-        codes = codes.clamp(-128, 127)
-        exact = _rebuilds(codes * guess, target, delta) & ~found
-        q = torch.where(exact, codes, q)
-        d = torch.where(exact, guess, d)
-        found |= exact
-        if found.all():
-            return q.to(torch.int8), d.squeeze(-1)
-    return None
+    found = _find_scales(
+        first,
+        lambda d: (x / d).round().clamp(-128, 127),
+        lambda q, d: q * d,
+        target,
+        delta,
+    )
+    if found is None:
+        return None
+    q, d = found
+    return q.to(torch.int8), d.squeeze(-1)
 
 
 def _rebuilds(base: torch.Tensor, target: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
@@ -139,10 +158,11 @@ class BlockWeight:
     out_features: int
     in_features: int
     low_rank: block_kernels.LowRank | None = None  # merged LoRA factors, set apart
-    # the kernel call, checked and bound on first use (see block_kernels.product)
-    _bound: Callable[[torch.Tensor], torch.Tensor] | None = field(
-        default=None, init=False, repr=False, compare=False
-    )
+    # the kernel call, checked and bound once (see block_kernels.product)
+    _bound: Callable[[torch.Tensor], torch.Tensor] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._bound = block_kernels.product(self.fmt, self.blocks, self.out_features, self.low_rank)
 
     @classmethod
     def for_layers(cls, weight: torch.Tensor, layers: Sequence[nn.Module]) -> BlockWeight | None:
@@ -163,9 +183,10 @@ class BlockWeight:
                 for f, layer in zip(factors, layers, strict=True)
             ]
             found = cls.from_float(weight, torch.cat(deltas))
-            if found is not None:
-                found.low_rank = _low_rank(factors, [layer.weight.shape[0] for layer in layers])
-        return found
+        if found is None:
+            return None
+        low_rank = _low_rank(factors, [layer.weight.shape[0] for layer in layers])
+        return dataclasses.replace(found, low_rank=low_rank)
 
     @classmethod
     def from_float(
@@ -200,10 +221,6 @@ class BlockWeight:
 
     def multiply(self, rows: torch.Tensor) -> torch.Tensor:
         """(m, in) float32 -> (m, out)."""
-        if self._bound is None or self._bound.holds[1] is not self.low_rank:
-            self._bound = block_kernels.product(
-                self.fmt, self.blocks, self.out_features, self.low_rank
-            )
         return self._bound(rows)
 
     @property
