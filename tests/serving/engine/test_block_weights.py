@@ -56,6 +56,22 @@ def test_constant_and_zero_blocks_are_exact() -> None:
     assert torch.equal(found.multiply(torch.eye(96)), weight.t())
 
 
+def test_a_scale_the_first_guess_misses_is_found_among_its_float16_neighbours() -> None:
+    """With an offset far larger than the block's range, max - m loses bits in float32, and
+    (max - m) / 15 rounds to a float16 neighbour of the d the block was made with."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (16, 2, 32), generator=generator).float()
+    q[..., 0], q[..., 1] = 0, 15  # llama.cpp's blocks hold their minimum and maximum
+    d = (1e-3 + 1e-3 * torch.rand(16, 2, 1, generator=generator)).half().float()
+    weight = (q * d - 1000.0).reshape(16, 64)
+    x = weight.view(16, 2, 32)
+    first = ((x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True)) / 15).half().float()
+    assert (first != d).sum() >= 8  # the first guess misses in many blocks
+    found = BlockWeight.from_float(weight)
+    assert found is not None and found.fmt == "q4_1"
+    assert torch.equal(found.multiply(torch.eye(64)), weight.t())
+
+
 @pytest.mark.parametrize("make", [q4_1_values, q8_0_values])
 def test_one_value_off_the_grid_and_the_weight_stays_float32(make) -> None:
     weight = make(_weight())
