@@ -30,7 +30,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "native" / "block_gemm.cpp"
+# The block products, and the native decode pass that calls them (native_decode.py): one library.
+SOURCES = tuple(Path(__file__).parent / "native" / f for f in ("block_gemm.cpp", "decode_pass.cpp"))
 # -ffp-contract=fast: a * b + c as one fused multiply-add (GCC's default for GNU dialects, not
 # for -std=c++17); the kernel's sums rely on it for speed, its exactness does not (see the .cpp).
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
@@ -66,7 +67,9 @@ def _build(compiler: str) -> Path:
         [compiler, "--version"], capture_output=True, text=True, check=True
     ).stdout
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode()
+        "\0".join(
+            [*(s.read_text() for s in SOURCES), " ".join(FLAGS), version, _cpu_flags()]
+        ).encode()
     ).hexdigest()[:16]
     name = f"block_gemm-{key}.so"
     for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"visualchat-native-{os.getuid()}"):
@@ -85,7 +88,7 @@ def _build(compiler: str) -> Path:
     os.close(handle)
     try:
         subprocess.run(
-            [compiler, *FLAGS, "-o", partial, str(SOURCE)],
+            [compiler, *FLAGS, "-o", partial, *map(str, SOURCES)],
             capture_output=True,
             text=True,
             check=True,
@@ -129,7 +132,23 @@ def library() -> ctypes.CDLL | None:
             ctypes.c_void_p,  # lora_b: per tile (its rank, 16) float32, or null
         ]
         function.restype = None
-    for name in ("vc_q4_1_block_bytes", "vc_q8_0_block_bytes"):
+    lib.vc_decode_pass.argtypes = [
+        ctypes.c_void_p,  # hidden: (m, hidden) float32, updated in place
+        ctypes.c_int64,  # m
+        ctypes.c_void_p,  # layers: (num_layers, vc_decode_layer_entries()) int64
+        ctypes.c_int64,  # num_layers
+        ctypes.c_void_p,  # shape: hidden, heads, kv heads, head dim, intermediate, mmca (int64)
+        ctypes.c_void_p,  # eps, scaling (float32)
+        ctypes.c_void_p,  # cos: (m, head_dim) float32
+        ctypes.c_void_p,  # sin: (m, head_dim) float32
+        ctypes.c_void_p,  # new_slots: (m,) int64
+        ctypes.c_void_p,  # positions: (m,) int64
+        ctypes.c_void_p,  # key_slots: (m, key_stride) int64
+        ctypes.c_int64,  # key_stride
+        ctypes.c_void_p,  # tags: (slots,) int64
+    ]
+    lib.vc_decode_pass.restype = None
+    for name in ("vc_q4_1_block_bytes", "vc_q8_0_block_bytes", "vc_decode_layer_entries"):
         getattr(lib, name).restype = ctypes.c_int64
     return lib
 

@@ -32,6 +32,9 @@ class EngineConfig:
     # as the embedded default's are) are also kept as those blocks, and "auto" times the block
     # kernels (serving/engine/block_kernels.py) with the others. False: float32 weights only.
     block_kernels: bool = True
+    # Decode-only passes that the block kernels multiply run every layer in one native call
+    # (serving/engine/native_decode.py). False: the lean forward for them too, for comparison.
+    native_decode: bool = True
     # Llama-family backbones (serving/engine/lean_forward.py) run the engine's own flat forward
     # instead of transformers' modules: the same arithmetic without their per-call overhead.
     # False: transformers' forward for every backbone, for comparison.

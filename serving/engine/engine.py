@@ -66,6 +66,7 @@ class Engine:
             self.config.lean_forward,
             self.config.decode_mirror_tokens,
             self.config.block_kernels,
+            self.config.native_decode,
         )
         self.image_cache = ImageFeatureCache(self.config.image_cache_entries)
         self.stop_ids = stop_token_ids(model, tokenizer)

@@ -208,5 +208,10 @@ class LeanForward:
             x = rms_norm(hidden, layer.post_norm)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)  # (tokens, intermediate) each
             hidden = hidden + layer.down(layer.act(gate) * up)
+        return self.logits(hidden, sample_rows)
+
+    def logits(self, hidden: torch.Tensor, sample_rows: torch.Tensor) -> torch.Tensor:
+        """The head over the final norm of the sampled rows of the last layer's output:
+        (s, vocab)."""
         hidden = rms_norm(hidden.index_select(0, sample_rows), self.final_norm)  # (s, hidden)
-        return self.head(hidden)  # (s, vocab)
+        return self.head(hidden)

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from serving.engine import lean_forward as lean
+from serving.engine import native_decode as native
 from serving.engine.decode_mirror import DecodeMirror
 from serving.engine.kv_cache import BlockManager
 from serving.engine.linear_kernels import EngineLinears
@@ -33,6 +34,7 @@ class ModelRunner:
         lean_forward: bool = True,
         decode_mirror_tokens: int = 0,
         block_kernels: bool = True,
+        native_decode: bool = True,
     ) -> None:
         self.model = model
         self.blocks = blocks
@@ -83,11 +85,19 @@ class ModelRunner:
             else None
         )
         self.lean = lean.LeanForward(model.language_model) if reason is None else None
+        # Decode-only passes through the native decode pass (see native_decode), where it can.
+        self.native = None
+        if self.lean is not None and native_decode:
+            why_not = native.supports(self.lean, self.store)
+            if why_not is None:
+                self.native = native.NativeDecode(self.lean, self.store, self.mmca)
+            else:
+                logger.info("decode passes run the lean forward: %s", why_not)
 
     def release(self) -> None:
         """Restore the model's own attention; the runner must not execute afterwards."""
         self.model.set_attention(self.model_attention)
-        self.lean = None
+        self.lean = self.native = None
         self.mirror.clear()
         if self.linears is not None:
             self.linears.release()
@@ -137,6 +147,18 @@ class ModelRunner:
                 sample_rows.append(len(token_ids) - 1)
         new_slots = torch.tensor(slots, device=device)
         self.store.tags[new_slots] = torch.tensor(tags, device=device)
+        positions_t = torch.tensor(positions, device=device)  # (num_tokens,)
+        sample_rows_t = torch.tensor(sample_rows, dtype=torch.long, device=device)
+        if self.native is not None and not prefill_groups and self.native.takes(len(token_ids)):
+            # The native pass reads the keys from their slots: the mirror would miss this
+            # pass's, so it holds nothing and the next mirrored group gathers.
+            self.mirror.clear()
+            key_slots = torch.nn.utils.rnn.pad_sequence(
+                [s for _, _, s in decode_group], batch_first=True
+            )  # (m, longest context)
+            embeds = self._embed(token_ids, tags, image_rows)  # (m, hidden)
+            hidden = self.native(embeds, positions_t, new_slots, key_slots)
+            return self.lean.logits(hidden, sample_rows_t)
         batch = PagedBatch(store=self.store, new_slots=new_slots, mmca=self.mmca)
         if decode_group:
             group = self._group(decode_group)
@@ -148,8 +170,6 @@ class ModelRunner:
         for entry in prefill_groups:
             batch.groups.append(self._group([entry]))
         embeds = self._embed(token_ids, tags, image_rows)  # (num_tokens, hidden)
-        positions_t = torch.tensor(positions, device=device)  # (num_tokens,)
-        sample_rows_t = torch.tensor(sample_rows, dtype=torch.long, device=device)
         if self.lean is not None:
             return self.lean(embeds, positions_t, batch, sample_rows_t)
         out = self.model.language_model(

@@ -66,9 +66,10 @@ def test_the_library_is_built_once_and_runs_on_torchs_openmp(fresh_library) -> N
 @needs_compiler
 def test_a_changed_source_is_built_again(fresh_library, tmp_path_factory, monkeypatch) -> None:
     assert block_kernels.library() is not None
-    source = tmp_path_factory.mktemp("src") / "block_gemm.cpp"
-    source.write_text(block_kernels.SOURCE.read_text() + "\n// changed\n")
-    monkeypatch.setattr(block_kernels, "SOURCE", source)
+    first, *rest = block_kernels.SOURCES
+    source = tmp_path_factory.mktemp("src") / first.name
+    source.write_text(first.read_text() + "\n// changed\n")
+    monkeypatch.setattr(block_kernels, "SOURCES", (source, *rest))
     block_kernels.library.cache_clear()
     assert block_kernels.library() is not None
     assert len(list(fresh_library.glob("block_gemm-*.so"))) == 2

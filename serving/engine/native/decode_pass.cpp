@@ -1,0 +1,202 @@
+// One decode pass of a Llama-family decoder through all its layers in native code: the norms,
+// the block-format products (block_gemm.cpp), rotary embedding, the paged KV cache's writes and
+// MMCA attention over it, the MLP and the residuals, for m rows of one new token each.
+//
+// Why: on the 2-core CPU a one-row decode step of the embedded default spent ~12 ms in its
+// block products and ~13 ms more in the Python and the ~50 small torch ops per layer around them
+// (serving/engine/native_decode.py has the figures). Here the glue costs microseconds, so a
+// step is close to its weight reads. The arithmetic is the lean forward's (lean_forward.py),
+// written out in float32, with sums in another order than torch's: outputs may differ from it
+// in the last bits, as the block products already do.
+//
+// What it reads, per layer, is a row of a table the Python side builds once (`Layer` below):
+// pointers to the norm weights, to the layer's key and value stores, and to each product's
+// blocks and low-rank factors. Per pass: the rows' hidden states (updated in place), their
+// rotary cos/sin, each row's new cache slot and the slots of its positions 0..p, and the slots'
+// modality tags.
+//
+// MMCA (visualchat/model/attention.py): a text query attends with one softmax over the earlier
+// text keys plus one over the earlier image keys, the two outputs added (an empty part adds
+// nothing); an image query attends to the keys of its own image only; with mmca = 0 one softmax
+// covers every earlier key.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+extern "C" {
+void vc_q4_1_gemm(const float* x, int64_t m, int64_t k, const uint8_t* w, int64_t n, float* y,
+                  const float* lora_a, int64_t rank, const int64_t* tile_low, const float* lora_b);
+void vc_q8_0_gemm(const float* x, int64_t m, int64_t k, const uint8_t* w, int64_t n, float* y,
+                  const float* lora_a, int64_t rank, const int64_t* tile_low, const float* lora_b);
+}
+
+namespace {
+
+// A product's entries in the table, in this order (native_decode.py writes them): its format
+// (0 Q4_1, 1 Q8_0), blocks, outputs, inputs, low-rank a, rank, tile_low, b, bias (0: none).
+constexpr int64_t PRODUCT = 9;
+// A layer's row: input norm weight, post-attention norm weight, key store, value store, then the
+// q/k/v, o, gate/up and down products.
+constexpr int64_t LAYER_HEAD = 4;
+constexpr int64_t LAYER = LAYER_HEAD + 4 * PRODUCT;
+
+struct Shape {
+    int64_t hidden, heads, kv_heads, head_dim, intermediate;
+    float eps, scaling;
+    int64_t mmca;
+};
+
+template <class T>
+inline T* ptr(int64_t address) {
+    return reinterpret_cast<T*>(address);
+}
+
+// y (m, n) = x (m, k) @ W^T (+ bias) through the block kernels.
+void multiply(const int64_t* p, const float* x, int64_t m, float* y) {
+    const auto kernel = p[0] == 0 ? vc_q4_1_gemm : vc_q8_0_gemm;
+    const int64_t n = p[2];
+    kernel(x, m, p[3], ptr<const uint8_t>(p[1]), n, y, ptr<const float>(p[4]), p[5],
+           ptr<const int64_t>(p[6]), ptr<const float>(p[7]));
+    if (p[8] != 0) {
+        const float* bias = ptr<const float>(p[8]);
+        for (int64_t r = 0; r < m; ++r)
+            for (int64_t j = 0; j < n; ++j) y[r * n + j] += bias[j];
+    }
+}
+
+// LlamaRMSNorm: w * (x * rsqrt(mean(x^2) + eps)), in float32.
+void rms_norm(const float* x, const float* w, int64_t m, int64_t h, float eps, float* out) {
+    for (int64_t r = 0; r < m; ++r) {
+        const float* xr = x + r * h;
+        float lanes[16] = {};
+        for (int64_t i = 0; i < h; ++i) lanes[i % 16] += xr[i] * xr[i];
+        float sum = 0.0f;
+        for (float lane : lanes) sum += lane;
+        const float scale = 1.0f / std::sqrt(sum / static_cast<float>(h) + eps);
+        for (int64_t i = 0; i < h; ++i) out[r * h + i] = w[i] * (xr[i] * scale);
+    }
+}
+
+// transformers' rotate-half rotary embedding of one head's d values, in place.
+void rotate(float* x, const float* cos, const float* sin, int64_t d) {
+    const int64_t half = d / 2;
+    for (int64_t j = 0; j < half; ++j) {
+        const float a = x[j], b = x[j + half];
+        x[j] = a * cos[j] - b * sin[j];
+        x[j + half] = b * cos[j + half] + a * sin[j + half];
+    }
+}
+
+// One query head of one row: the softmax-weighted sum of the values over the keys `in_part`
+// admits, added to out (d); nothing when it admits none.
+template <class InPart>
+void attend_part(const float* scores, int64_t count, const float* values, const int64_t* slots,
+                 int64_t value_stride, int64_t d, InPart in_part, float* out) {
+    float top = -INFINITY;
+    for (int64_t t = 0; t < count; ++t)
+        if (in_part(t) && scores[t] > top) top = scores[t];
+    if (top == -INFINITY) return;
+    std::vector<float> sum(d, 0.0f);
+    float total = 0.0f;
+    for (int64_t t = 0; t < count; ++t) {
+        if (!in_part(t)) continue;
+        const float weight = std::exp(scores[t] - top);
+        total += weight;
+        const float* v = values + slots[t] * value_stride;
+        for (int64_t j = 0; j < d; ++j) sum[j] += weight * v[j];
+    }
+    for (int64_t j = 0; j < d; ++j) out[j] += sum[j] / total;
+}
+
+void attention(const Shape& s, const float* qkv, int64_t m, const float* keys,
+               const float* values, const int64_t* key_slots, int64_t key_stride,
+               const int64_t* positions, const int64_t* tags, const int64_t* new_slots,
+               float* out) {
+    const int64_t d = s.head_dim, shared = s.heads / s.kv_heads;
+    const int64_t qkv_width = (s.heads + 2 * s.kv_heads) * d, kv_stride = s.kv_heads * d;
+#pragma omp parallel for schedule(dynamic)
+    for (int64_t job = 0; job < m * s.heads; ++job) {
+        const int64_t r = job / s.heads, h = job % s.heads, g = h / shared;
+        const int64_t count = positions[r] + 1;  // keys 0..p, the row's own included
+        const int64_t* slots = key_slots + r * key_stride;
+        const float* q = qkv + r * qkv_width + h * d;
+        std::vector<float> scores(count);
+        for (int64_t t = 0; t < count; ++t) {
+            const float* k = keys + slots[t] * kv_stride + g * d;
+            float dot = 0.0f;
+            for (int64_t j = 0; j < d; ++j) dot += q[j] * k[j];
+            scores[t] = dot * s.scaling;
+        }
+        float* o = out + r * s.heads * d + h * d;
+        std::memset(o, 0, d * sizeof(float));
+        const float* v = values + g * d;
+        const int64_t query_tag = tags[new_slots[r]];
+        if (!s.mmca) {
+            attend_part(scores.data(), count, v, slots, kv_stride, d, [](int64_t) { return true; }, o);
+        } else if (query_tag == 0) {
+            attend_part(scores.data(), count, v, slots, kv_stride, d,
+                        [&](int64_t t) { return tags[slots[t]] == 0; }, o);
+            attend_part(scores.data(), count, v, slots, kv_stride, d,
+                        [&](int64_t t) { return tags[slots[t]] > 0; }, o);
+        } else {
+            attend_part(scores.data(), count, v, slots, kv_stride, d,
+                        [&](int64_t t) { return tags[slots[t]] == query_tag; }, o);
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// hidden (m, hidden) float32: the rows' embeddings in, their last layer's output out (before
+// the final norm). layers: (num_layers, LAYER) int64, see above. cos, sin: (m, head_dim) for
+// each row's position. new_slots (m,), positions (m,), key_slots (m, key_stride): row r's keys
+// are at key_slots[r][0..positions[r]], its own new slot last. tags: the modality tag of every
+// cache slot (0 text, k > 0 image k).
+void vc_decode_pass(float* hidden, int64_t m, const int64_t* layers, int64_t num_layers,
+                    const int64_t* shape_ints, const float* shape_floats, const float* cos,
+                    const float* sin, const int64_t* new_slots, const int64_t* positions,
+                    const int64_t* key_slots, int64_t key_stride, const int64_t* tags) {
+    const Shape s{shape_ints[0], shape_ints[1], shape_ints[2], shape_ints[3], shape_ints[4],
+                  shape_floats[0], shape_floats[1], shape_ints[5]};
+    const int64_t h = s.hidden, d = s.head_dim;
+    const int64_t qkv_width = (s.heads + 2 * s.kv_heads) * d, kv_stride = s.kv_heads * d;
+    std::vector<float> x(m * h), qkv(m * qkv_width), attended(m * s.heads * d), residual(m * h);
+    std::vector<float> gate_up(m * 2 * s.intermediate), act(m * s.intermediate);
+    for (int64_t l = 0; l < num_layers; ++l) {
+        const int64_t* layer = layers + l * LAYER;
+        const int64_t* products = layer + LAYER_HEAD;
+        float* keys = ptr<float>(layer[2]);
+        float* values = ptr<float>(layer[3]);
+        rms_norm(hidden, ptr<const float>(layer[0]), m, h, s.eps, x.data());
+        multiply(products, x.data(), m, qkv.data());
+        for (int64_t r = 0; r < m; ++r) {
+            float* row = qkv.data() + r * qkv_width;
+            for (int64_t head = 0; head < s.heads + s.kv_heads; ++head)  // queries, then keys
+                rotate(row + head * d, cos + r * d, sin + r * d, d);
+            const float* k = row + s.heads * d;
+            std::memcpy(keys + new_slots[r] * kv_stride, k, kv_stride * sizeof(float));
+            std::memcpy(values + new_slots[r] * kv_stride, k + kv_stride, kv_stride * sizeof(float));
+        }
+        attention(s, qkv.data(), m, keys, values, key_slots, key_stride, positions, tags, new_slots,
+                  attended.data());
+        multiply(products + PRODUCT, attended.data(), m, residual.data());
+        for (int64_t i = 0; i < m * h; ++i) hidden[i] += residual[i];
+        rms_norm(hidden, ptr<const float>(layer[1]), m, h, s.eps, x.data());
+        multiply(products + 2 * PRODUCT, x.data(), m, gate_up.data());
+        const int64_t inter = s.intermediate;
+        for (int64_t r = 0; r < m; ++r)
+            for (int64_t j = 0; j < inter; ++j) {
+                const float g = gate_up[r * 2 * inter + j], u = gate_up[r * 2 * inter + inter + j];
+                act[r * inter + j] = g / (1.0f + std::exp(-g)) * u;  // silu(gate) * up
+            }
+        multiply(products + 3 * PRODUCT, act.data(), m, residual.data());
+        for (int64_t i = 0; i < m * h; ++i) hidden[i] += residual[i];
+    }
+}
+
+int64_t vc_decode_layer_entries() { return LAYER; }
+}
