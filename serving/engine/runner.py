@@ -150,8 +150,9 @@ class ModelRunner:
         positions_t = torch.tensor(positions, device=device)  # (num_tokens,)
         sample_rows_t = torch.tensor(sample_rows, dtype=torch.long, device=device)
         if self.native is not None and not prefill_groups and self.native.takes(len(token_ids)):
-            # The native pass reads the keys from their slots: the mirror would miss this
-            # pass's, so it holds nothing and the next mirrored group gathers.
+            # The native pass reads the keys from their slots, not from the decode mirror, so
+            # the mirror holds no copies while it runs (they would be stale: a later mirrored
+            # pass finds its members more than one position on, and gathers afresh).
             self.mirror.clear()
             key_slots = torch.nn.utils.rnn.pad_sequence(
                 [s for _, _, s in decode_group], batch_first=True

@@ -28,14 +28,15 @@ def fresh_library(tmp_path, monkeypatch):
 @needs_compiler
 @pytest.mark.parametrize("make", [q4_1_values, q8_0_values])
 @pytest.mark.parametrize("rows", [0, 1, 2, 3, 5, 8, 9, 16, 17, 40])
-def test_every_row_count_computes_the_product(make, rows: int) -> None:
-    # 5 tiles of 16 outputs: the threads' runs of 4 tiles leave one over, and the kernels that
-    # take 4 or 2 tiles side by side finish it one tile at a time
-    weight = make(torch.randn(80, 64, generator=torch.Generator().manual_seed(rows)))
+@pytest.mark.parametrize("tiles", [5, 29])
+def test_every_row_count_computes_the_product(make, rows: int, tiles: int) -> None:
+    # 5 tiles of 16 outputs: each thread's share is finished by the kernels that take 2 tiles
+    # side by side or one; 29: shares of 14 and 15, so one row also runs 8 and 4 side by side
+    weight = make(torch.randn(16 * tiles, 64, generator=torch.Generator().manual_seed(rows)))
     found = BlockWeight.from_float(weight)
     x = torch.randn(rows, 64)
     out = found.multiply(x)
-    assert out.shape == (rows, 80)
+    assert out.shape == (rows, 16 * tiles)
     torch.testing.assert_close(out, x @ weight.t())
 
 

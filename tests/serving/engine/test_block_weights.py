@@ -146,6 +146,15 @@ def test_a_base_is_found_under_merged_lora_factors_and_multiplied_apart_from_the
     assert torch.equal(plain.multiply(torch.eye(96)), base.t())
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 17])
+def test_the_factors_are_added_in_every_tile_at_every_row_count(rows: int) -> None:
+    # 29 tiles: each thread's share runs 8, 4, 2 and 1 tiles side by side at one row
+    merged, lora = _merged(q4_1_values(_weight(16 * 29, 64, 6)), rank=3, seed=7)
+    found = BlockWeight.for_layers(merged, [_layer(merged, lora)])
+    x = torch.randn(rows, 64)
+    torch.testing.assert_close(found.multiply(x), x @ merged.t())
+
+
 def test_merged_weights_that_the_factors_do_not_explain_stay_float32() -> None:
     merged, lora = _merged(q4_1_values(_weight()))
     other = MergedLora(lora.a, lora.b, scale=1.0)  # the merge was done with another scale

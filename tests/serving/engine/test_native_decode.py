@@ -1,0 +1,170 @@
+"""The native decode pass: decode-only passes of a block-format backbone run every layer in one
+native call, compute what the lean forward computes (to float32 rounding), keep greedy output
+equal to the reference decoder's, and leave every pass it cannot take to the lean forward."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from block_formats import make_gguf_like
+from engine_testing import (
+    GREEDY,
+    WORKLOAD,
+    assert_cache_empty,
+    model_copy,
+    run_engine,
+)
+
+from serving.engine import Engine, EngineConfig, block_kernels
+from serving.engine import native_decode as native
+from serving.engine.linear_kernels import KernelChoice
+from visualchat.api import VisualChat
+
+pytestmark = pytest.mark.skipif(
+    not block_kernels.available(), reason="the native decode pass needs a C++ compiler (g++)"
+)
+
+
+def gguf_like_model(attention: str = "mmca", arch: str = "llama", lora_rank: int = 0):
+    """A tiny model whose backbone weights are exactly Q4_1 (head Q8_0), as the embedded
+    default's are, with LoRA factors merged in where lora_rank > 0."""
+    model, tokenizer = model_copy(attention, arch=arch)
+    if arch == "qwen2":
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            for module in model.language_model.modules():
+                if getattr(module, "bias", None) is not None:
+                    module.bias.normal_(std=0.5)  # transformers makes them zero
+    make_gguf_like(model.language_model, lora_rank=lora_rank)
+    return model, tokenizer
+
+
+def gguf_like_engine(model, tokenizer, **config) -> Engine:
+    """An engine multiplying by the block kernels at every pass size, as the embedded default's
+    one-row passes are."""
+    config.setdefault("block_size", 4)
+    config.setdefault("num_blocks", 256)
+    config.setdefault("max_num_batched_tokens", 13)
+    config.setdefault("linear_kernels", "blocks")
+    return Engine(model, tokenizer, EngineConfig(**config))
+
+
+def count_native_passes(engine: Engine) -> list[int]:
+    """Rows of every pass the native decode pass runs, in order; checks on the way that the
+    decode mirror holds no copies while it runs (it would only hold stale ones)."""
+    rows: list[int] = []
+    call = engine.runner.native.__call__
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(engine.runner.native_inner, name)
+
+        def __call__(self, embeds, *args):
+            rows.append(embeds.shape[0])
+            assert engine.runner.mirror.num_bytes == 0
+            return call(embeds, *args)
+
+    engine.runner.native_inner = engine.runner.native
+    engine.runner.native = Counting()
+    return rows
+
+
+def record_logits(engine: Engine) -> list[torch.Tensor]:
+    passes: list[torch.Tensor] = []
+    execute = engine.runner.execute
+
+    def recording(chunks):
+        logits = execute(chunks)
+        passes.append(logits.clone())
+        return logits
+
+    engine.runner.execute = recording
+    return passes
+
+
+@pytest.mark.parametrize(
+    ("arch", "attention", "lora_rank"),
+    [("llama", "mmca", 0), ("llama", "causal", 4), ("qwen2", "mmca", 4)],  # qwen2: biases
+)
+def test_native_passes_compute_the_lean_forwards_logits(
+    arch: str, attention: str, lora_rank: int
+) -> None:
+    """Pass for pass against the same engine without it: the same passes, the same greedy
+    tokens, and logits equal to float32 rounding (its sums run in another order)."""
+    passes, native_rows = {}, None
+    for on in (True, False):
+        engine = gguf_like_engine(*gguf_like_model(attention, arch, lora_rank), native_decode=on)
+        assert (engine.runner.native is not None) == on
+        if on:
+            native_rows = count_native_passes(engine)
+        passes[on] = record_logits(engine)
+        run_engine(engine, [(c, GREEDY) for c in WORKLOAD[:6]])
+    # Decodes of up to six sequences, after prompts in chunks of 13 that cut image spans.
+    assert len(native_rows) >= 10 and max(native_rows) >= 3
+    assert len(passes[True]) == len(passes[False]) > len(native_rows)
+    for i, (ours, theirs) in enumerate(zip(passes[True], passes[False], strict=True)):
+        assert ours.argmax(-1).tolist() == theirs.argmax(-1).tolist(), f"pass {i}"
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4, msg=f"pass {i}")
+
+
+@pytest.mark.parametrize(
+    ("attention", "budget", "requests"), [("mmca", 64, 10), ("causal", 64, 10), ("mmca", 1, 4)]
+)
+def test_greedy_output_through_native_passes_is_the_reference_decoders(
+    attention: str, budget: int, requests: int
+) -> None:
+    """Many requests with 0-3 images, several rounds, decode passes beside and between prompt
+    chunks: the native passes and the lean forward's mirrored passes take turns over the same
+    sequences, and every reply is the reference decoder's. With a budget of 1 every pass is one
+    token, so the prompts go through the native pass too: image queries included."""
+    model, tokenizer = gguf_like_model(attention, lora_rank=4)
+    reference = VisualChat(copy.deepcopy(model), tokenizer)
+    engine = gguf_like_engine(model, tokenizer, max_num_batched_tokens=budget)
+    native_rows = count_native_passes(engine)
+    prompts = [(c, GREEDY) for c in WORKLOAD[:requests]]
+    results, handled = run_engine(engine, prompts)
+    if budget == 1:  # every token a pass of its own, but the last reply token of each
+        assert len(native_rows) == sum(r.num_tokens - 1 for r in handled)
+    else:
+        assert len(native_rows) >= 10 and max(native_rows) >= 3
+    for i, result in enumerate(results):
+        expected = reference.generate(WORKLOAD[i], GREEDY)
+        assert (result.text, result.token_ids) == (expected.text, expected.token_ids), i
+    assert_cache_empty(engine)
+
+
+def test_passes_where_the_block_kernels_lose_run_the_lean_forward() -> None:
+    engine = gguf_like_engine(*gguf_like_model())
+    engine.runner.native.choice = KernelChoice({1: "blocks", 8: "blocks", 64: "linear"})
+    assert engine.runner.native.takes(1) and engine.runner.native.takes(16)
+    assert not engine.runner.native.takes(40)
+
+
+def test_backbones_it_cannot_take_run_the_lean_forward_and_say_why(caplog) -> None:
+    model, tokenizer = gguf_like_model()
+    with caplog.at_level(logging.INFO, logger="serving.engine.runner"):
+        floats = gguf_like_engine(
+            copy.deepcopy(model), tokenizer, linear_kernels="linear", block_kernels=False
+        )
+    assert floats.runner.lean is not None and floats.runner.native is None
+    assert "not held in a block format" in caplog.text
+    for layer in model.language_model.model.layers:
+        layer.mlp.act_fn = torch.nn.GELU()
+    gelu = gguf_like_engine(model, tokenizer)
+    assert gelu.runner.lean is not None and gelu.runner.native is None
+    assert native.supports(gelu.runner.lean, gelu.runner.store) == (
+        "an MLP activation other than SiLU"
+    )
+
+
+def test_key_slots_that_do_not_end_at_the_new_slot_are_refused() -> None:
+    engine = gguf_like_engine(*gguf_like_model())
+    hidden = engine.model.language_model.config.hidden_size
+    embeds = torch.randn(1, hidden)
+    with pytest.raises(ValueError, match="new slot"):
+        engine.runner.native(
+            embeds, torch.tensor([2]), torch.tensor([7]), torch.tensor([[4, 5, 6]])
+        )
