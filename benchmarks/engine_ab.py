@@ -21,7 +21,9 @@ torch_layers (transformers' forward, torch's own layers), engine_linear (transfo
 through the engine's `linear` kernel), lean_gather (the default engine without the decode
 mirror: every decode group gathered from the paged cache in every layer, see
 serving/engine/decode_mirror.py), lean_float (the default engine on float32 weights only: no
-block kernels, see serving/engine/block_kernels.py).
+block kernels, see serving/engine/block_kernels.py), no_native (the default engine with its
+decode-only passes through the lean forward instead of the native decode pass, see
+serving/engine/native_decode.py).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ VARIANTS: dict[str, dict] = {  # EngineConfig fields of each variant
     "engine_linear": {"lean_forward": False, "linear_kernels": "linear"},
     "lean_gather": {"decode_mirror_tokens": 0},
     "lean_float": {"block_kernels": False},
+    "no_native": {"native_decode": False},
 }
 
 
