@@ -20,7 +20,6 @@
 // nothing); an image query attends to the keys of its own image only; with mmca = 0 one softmax
 // covers every earlier key.
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -106,49 +105,31 @@ inline float dot(const float* a, const float* b, int64_t d) {
 // Which softmax a key enters for a query: NONE, or one of the two MMCA parts (causal attention
 // and image queries use TEXT_PART alone).
 enum Part : uint8_t { NONE = 0, TEXT_PART = 1, IMAGE_PART = 2 };
-constexpr int PARTS = 3;  // indexable by Part; NONE's entries stay unused
 
-// Keys per unit of attention work. A row's keys are cut into chunks so that even one row at a
-// short context gives both threads work, and a long one many units (flash-decoding's split):
-// each unit holds, per query head and part, the running max, the sum of exp(score - max) and
-// the sum of those weights times the values; `merge` rescales the units to a common max.
-constexpr int64_t CHUNK = 64;
-
-struct Partial {
-    float top, total;  // max score, sum of exp(score - top)
-};
-
-// One unit: keys [first, last) of row r for kv head g and its `shared` query heads. acc:
-// (shared, PARTS, d) weighted value sums; partial: (shared, PARTS).
-void attend_chunk(const Shape& s, const float* q, const float* keys, const float* values,
-                  const int64_t* slots, const uint8_t* part, int64_t first, int64_t last,
-                  float* scores, float* acc, Partial* partial) {
-    const int64_t d = s.head_dim, shared = s.heads / s.kv_heads, stride = s.kv_heads * d;
-    for (int64_t i = 0; i < shared * PARTS; ++i) partial[i] = {-INFINITY, 0.0f};
-    std::memset(acc, 0, shared * PARTS * d * sizeof(float));
-    const int64_t n = last - first;
-    for (int64_t t = 0; t < n; ++t) {  // scores (shared, n), each key read once for all heads
-        const uint8_t p = part[first + t];
-        if (p == NONE) continue;
-        const float* k = keys + slots[first + t] * stride;
-        for (int64_t h = 0; h < shared; ++h) {
-            const float score = dot(q + h * d, k, d) * s.scaling;
-            scores[h * n + t] = score;
-            Partial& w = partial[h * PARTS + p];
-            if (score > w.top) w.top = score;
-        }
+// One query head of one row: the sum over parts of the softmax-weighted values of the part's
+// keys, into out (d). Each key's weight is exp(score - its part's max) / its part's total, so
+// both softmaxes are one pass over the values; a part with no key adds nothing.
+void attend(const float* q, int64_t count, const float* keys, const float* values,
+            const int64_t* slots, int64_t stride, int64_t d, float scaling, const uint8_t* part,
+            float* scores, float* out) {
+    float top[3] = {-INFINITY, -INFINITY, -INFINITY};
+    for (int64_t t = 0; t < count; ++t) {
+        if (part[t] == NONE) continue;
+        scores[t] = dot(q, keys + slots[t] * stride, d) * scaling;
+        if (scores[t] > top[part[t]]) top[part[t]] = scores[t];
     }
-    for (int64_t t = 0; t < n; ++t) {
-        const uint8_t p = part[first + t];
-        if (p == NONE) continue;
-        const float* v = values + slots[first + t] * stride;
-        for (int64_t h = 0; h < shared; ++h) {
-            Partial& w = partial[h * PARTS + p];
-            const float weight = std::exp(scores[h * n + t] - w.top);
-            w.total += weight;
-            float* out = acc + (h * PARTS + p) * d;
-            for (int64_t j = 0; j < d; ++j) out[j] += weight * v[j];
-        }
+    float total[3] = {0.0f, 0.0f, 0.0f};
+    for (int64_t t = 0; t < count; ++t) {
+        if (part[t] == NONE) continue;
+        scores[t] = std::exp(scores[t] - top[part[t]]);
+        total[part[t]] += scores[t];
+    }
+    std::memset(out, 0, d * sizeof(float));
+    for (int64_t t = 0; t < count; ++t) {
+        if (part[t] == NONE) continue;
+        const float weight = scores[t] / total[part[t]];
+        const float* v = values + slots[t] * stride;
+        for (int64_t j = 0; j < d; ++j) out[j] += weight * v[j];
     }
 }
 
@@ -157,10 +138,10 @@ void attention(const Shape& s, const float* qkv, int64_t m, const float* keys,
                const int64_t* positions, const int64_t* tags, const int64_t* new_slots,
                float* out) {
     const int64_t d = s.head_dim, shared = s.heads / s.kv_heads;
-    const int64_t qkv_width = (s.heads + 2 * s.kv_heads) * d;
-    // Each row's keys sorted into parts, and the units of work: (row, kv head, chunk).
+    const int64_t qkv_width = (s.heads + 2 * s.kv_heads) * d, kv_stride = s.kv_heads * d;
+    // Each row's keys sorted into parts once for all heads (and all layers would do: the tags
+    // are the pass's; this is a pass over the slots per layer, small beside the scores).
     std::vector<std::vector<uint8_t>> parts(m);
-    std::vector<int64_t> unit_start(m + 1, 0);  // first unit of each row
     for (int64_t r = 0; r < m; ++r) {
         const int64_t count = positions[r] + 1;  // keys 0..p, the row's own included
         const int64_t* slots = key_slots + r * key_stride;
@@ -172,53 +153,15 @@ void attention(const Shape& s, const float* qkv, int64_t m, const float* keys,
                           : query_tag == 0 ? (tag == 0 ? TEXT_PART : tag > 0 ? IMAGE_PART : NONE)
                           : (tag == query_tag ? TEXT_PART : NONE);
         }
-        unit_start[r + 1] = unit_start[r] + s.kv_heads * ((count + CHUNK - 1) / CHUNK);
     }
-    const int64_t units = unit_start[m];
-    std::vector<float> acc(units * shared * PARTS * d);
-    std::vector<Partial> partial(units * shared * PARTS);
-#pragma omp parallel
-    {
-        std::vector<float> scores(shared * CHUNK);
-#pragma omp for schedule(dynamic)
-        for (int64_t unit = 0; unit < units; ++unit) {
-            int64_t r = 0;
-            while (unit >= unit_start[r + 1]) ++r;
-            const int64_t chunks = (unit_start[r + 1] - unit_start[r]) / s.kv_heads;
-            const int64_t g = (unit - unit_start[r]) / chunks, c = (unit - unit_start[r]) % chunks;
-            const int64_t count = positions[r] + 1, first = c * CHUNK;
-            attend_chunk(s, qkv + r * qkv_width + g * shared * d, keys + g * d, values + g * d,
-                         key_slots + r * key_stride, parts[r].data(), first,
-                         first + CHUNK < count ? first + CHUNK : count, scores.data(),
-                         acc.data() + unit * shared * PARTS * d, partial.data() + unit * shared * PARTS);
-        }
-        // Merge each (row, query head): per part, the chunks rescaled to the part's max; the
-        // parts' softmax outputs added (a part no chunk saw adds nothing).
-#pragma omp for schedule(static)
-        for (int64_t job = 0; job < m * s.heads; ++job) {
-            const int64_t r = job / s.heads, h = job % s.heads, g = h / shared, i = h % shared;
-            const int64_t chunks = (unit_start[r + 1] - unit_start[r]) / s.kv_heads;
-            const int64_t base = unit_start[r] + g * chunks;
-            float* o = out + r * s.heads * d + h * d;
-            std::memset(o, 0, d * sizeof(float));
-            for (int p = TEXT_PART; p < PARTS; ++p) {
-                float top = -INFINITY;
-                for (int64_t c = 0; c < chunks; ++c)
-                    top = std::max(top, partial[((base + c) * shared + i) * PARTS + p].top);
-                if (top == -INFINITY) continue;
-                std::vector<float> sum(d, 0.0f);
-                float total = 0.0f;
-                for (int64_t c = 0; c < chunks; ++c) {
-                    const Partial& w = partial[((base + c) * shared + i) * PARTS + p];
-                    if (w.top == -INFINITY) continue;
-                    const float scale = std::exp(w.top - top);
-                    total += scale * w.total;
-                    const float* a = acc.data() + (((base + c) * shared + i) * PARTS + p) * d;
-                    for (int64_t j = 0; j < d; ++j) sum[j] += scale * a[j];
-                }
-                for (int64_t j = 0; j < d; ++j) o[j] += sum[j] / total;
-            }
-        }
+#pragma omp parallel for schedule(dynamic)
+    for (int64_t job = 0; job < m * s.heads; ++job) {
+        const int64_t r = job / s.heads, h = job % s.heads, g = h / shared;
+        const int64_t count = positions[r] + 1;
+        std::vector<float> scores(count);
+        attend(qkv + r * qkv_width + h * d, count, keys + g * d, values + g * d,
+               key_slots + r * key_stride, kv_stride, d, s.scaling, parts[r].data(), scores.data(),
+               out + r * s.heads * d + h * d);
     }
 }
 
