@@ -152,6 +152,20 @@ def run_engine(
     return [results[i] for i in ids], requests
 
 
+def record_logits(engine: Engine) -> list[torch.Tensor]:
+    """Every pass's logits, in order."""
+    passes: list[torch.Tensor] = []
+    execute = engine.runner.execute
+
+    def recording(chunks):
+        logits = execute(chunks)
+        passes.append(logits.clone())
+        return logits
+
+    engine.runner.execute = recording
+    return passes
+
+
 def assert_cache_empty(engine: Engine) -> None:
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
     assert engine.requests == {}

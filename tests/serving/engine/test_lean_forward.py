@@ -8,7 +8,15 @@ import copy
 
 import pytest
 import torch
-from engine_testing import GREEDY, WORKLOAD, make_engine, model_copy, reference, run_engine
+from engine_testing import (
+    GREEDY,
+    WORKLOAD,
+    make_engine,
+    model_copy,
+    record_logits,
+    reference,
+    run_engine,
+)
 from torch import nn
 from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
@@ -17,20 +25,6 @@ from transformers.models.llama.modeling_llama import (
 
 from serving.engine import Engine, EngineConfig
 from serving.engine import lean_forward as lean
-
-
-def record_logits(engine) -> list[torch.Tensor]:
-    """Every pass's logits, in order."""
-    passes: list[torch.Tensor] = []
-    execute = engine.runner.execute
-
-    def recording(chunks):
-        logits = execute(chunks)
-        passes.append(logits.clone())
-        return logits
-
-    engine.runner.execute = recording
-    return passes
 
 
 @pytest.mark.parametrize(

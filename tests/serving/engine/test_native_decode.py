@@ -15,6 +15,7 @@ from engine_testing import (
     WORKLOAD,
     assert_cache_empty,
     model_copy,
+    record_logits,
     run_engine,
 )
 
@@ -70,19 +71,6 @@ def count_native_passes(engine: Engine) -> list[int]:
     engine.runner.native_inner = engine.runner.native
     engine.runner.native = Counting()
     return rows
-
-
-def record_logits(engine: Engine) -> list[torch.Tensor]:
-    passes: list[torch.Tensor] = []
-    execute = engine.runner.execute
-
-    def recording(chunks):
-        logits = execute(chunks)
-        passes.append(logits.clone())
-        return logits
-
-    engine.runner.execute = recording
-    return passes
 
 
 @pytest.mark.parametrize(
