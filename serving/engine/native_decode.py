@@ -38,10 +38,8 @@ FORMAT_CODES = {"q4_1": 0, "q8_0": 1}  # as decode_pass.cpp numbers them
 
 def supports(lean: LeanForward, store: PagedKVStore) -> str | None:
     """None when the native pass can run this backbone's decode passes; else why not."""
-    if not block_kernels.available():
-        return "the block kernels are not available (see the log)"
-    if store.keys[0].dtype != torch.float32:
-        return f"the cache holds {store.keys[0].dtype}, not float32"
+    if store.keys[0].device.type != "cpu" or store.keys[0].dtype != torch.float32:
+        return f"the cache holds {store.keys[0].dtype} on {store.keys[0].device}, not CPU float32"
     epsilons = set()
     for layer in lean.layers:
         if layer.act is not torch.nn.functional.silu:
@@ -56,6 +54,8 @@ def supports(lean: LeanForward, store: PagedKVStore) -> str | None:
             epsilons.add(float(norm.variance_epsilon))
     if len(epsilons) != 1:
         return "layer norms with different epsilons"
+    if not block_kernels.available():  # (block weights exist only where the kernels built)
+        return "the block kernels are not available (see the log)"
     return None
 
 

@@ -22,6 +22,7 @@ from engine_testing import (
 from serving.engine import Engine, EngineConfig, block_kernels
 from serving.engine import native_decode as native
 from serving.engine.linear_kernels import KernelChoice
+from serving.engine.paged_attention import PagedKVStore
 from visualchat.api import VisualChat
 
 pytestmark = pytest.mark.skipif(
@@ -146,6 +147,9 @@ def test_backbones_it_cannot_take_run_the_lean_forward_and_say_why(caplog) -> No
     assert native.supports(gelu.runner.lean, gelu.runner.store) == (
         "an MLP activation other than SiLU"
     )
+    engine = gguf_like_engine(*gguf_like_model())
+    half = PagedKVStore(2, 64, 2, 8, torch.float16, torch.device("cpu"))
+    assert "not CPU float32" in native.supports(engine.runner.lean, half)
 
 
 def test_key_slots_that_do_not_end_at_the_new_slot_are_refused() -> None:
