@@ -148,6 +148,8 @@ def library() -> ctypes.CDLL | None:
         ctypes.c_void_p,  # tags: (slots,) int64
     ]
     lib.vc_decode_pass.restype = None
+    lib.vc_exp16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]  # x, n, y
+    lib.vc_exp16.restype = None
     for name in ("vc_q4_1_block_bytes", "vc_q8_0_block_bytes", "vc_decode_layer_entries"):
         getattr(lib, name).restype = ctypes.c_int64
     return lib

@@ -89,6 +89,9 @@ void rotate(float* x, const float* cos, const float* sin, int64_t d) {
     }
 }
 
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
 // a . b over d values, in 8 lanes (GCC vectorizes the fixed-width inner loop; a plain sum is one
 // dependent chain, which it may not reorder).
 inline float dot(const float* a, const float* b, int64_t d) {
@@ -106,30 +109,124 @@ inline float dot(const float* a, const float* b, int64_t d) {
 // and image queries use TEXT_PART alone).
 enum Part : uint8_t { NONE = 0, TEXT_PART = 1, IMAGE_PART = 2 };
 
+inline f32x16 load16(const float* p) {
+    f32x16 v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+// e^x for 16 values, as Cephes' expf computes it: n = round(x / ln 2), r = x - n ln 2 (ln 2 in
+// two parts, so r keeps float32 accuracy), e^r by a degree-7 polynomial, times 2^n through the
+// exponent bits. For x up to 88, within 2 ulp of torch's exp where that is a normal float
+// (tested), and 0 below -87.3, where it is denormal or 0 (an attention weight that small adds
+// nothing to float32 sums of at least 1). Vectorized because one scalar expf per key and head
+// was a large part of the pass's attention at long contexts.
+inline f32x16 exp16(f32x16 x) {
+    const auto underflow = x < -87.33654f;  // lanes of -1 where true
+    x = underflow ? f32x16{} : x;
+    x = x > 88.0f ? f32x16{} + 88.0f : x;  // (attention's x is <= 0; 2^128 would overflow)
+    const f32x16 half = x < 0.0f ? f32x16{} - 0.5f : f32x16{} + 0.5f;
+    const i32x16 n = __builtin_convertvector(x * 1.44269504088896341f + half, i32x16);  // rounded
+    const f32x16 nf = __builtin_convertvector(n, f32x16);
+    const f32x16 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    f32x16 p = f32x16{} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const i32x16 bits = (n + 127) << 23;  // 2^n, n in -126..127 after the clamps
+    f32x16 scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return underflow ? f32x16{} : p * scale;
+}
+
 // One query head of one row: the sum over parts of the softmax-weighted values of the part's
 // keys, into out (d). Each key's weight is exp(score - its part's max) / its part's total, so
-// both softmaxes are one pass over the values; a part with no key adds nothing.
+// both softmaxes are one pass over the values; a part with no key adds nothing. V = d / 16 when
+// d is a multiple of 16 up to 128 (the query and both parts' sums then live in registers), else
+// 0: any d, through memory.
+template <int V>
 void attend(const float* q, int64_t count, const float* keys, const float* values,
             const int64_t* slots, int64_t stride, int64_t d, float scaling, const uint8_t* part,
             float* scores, float* out) {
+    f32x16 query[V > 0 ? V : 1];
+    for (int i = 0; i < V; ++i) query[i] = load16(q + 16 * i);
     float top[3] = {-INFINITY, -INFINITY, -INFINITY};
     for (int64_t t = 0; t < count; ++t) {
         if (part[t] == NONE) continue;
-        scores[t] = dot(q, keys + slots[t] * stride, d) * scaling;
+        const float* k = keys + slots[t] * stride;
+        float score;
+        if constexpr (V > 0) {
+            f32x16 acc = query[0] * load16(k);
+            for (int i = 1; i < V; ++i) acc += query[i] * load16(k + 16 * i);
+            score = 0.0f;
+            for (int lane = 0; lane < 16; ++lane) score += acc[lane];
+        } else {
+            score = dot(q, k, d);
+        }
+        scores[t] = score * scaling;
         if (scores[t] > top[part[t]]) top[part[t]] = scores[t];
     }
     float total[3] = {0.0f, 0.0f, 0.0f};
-    for (int64_t t = 0; t < count; ++t) {
-        if (part[t] == NONE) continue;
-        scores[t] = std::exp(scores[t] - top[part[t]]);
-        total[part[t]] += scores[t];
+    if constexpr (V > 0) {
+        // exp(score - its part's max) 16 keys at a time; keys of no part get exp(-inf) = 0
+        for (int64_t t = 0; t < count; ++t)
+            scores[t] = part[t] == NONE ? -INFINITY : scores[t] - top[part[t]];
+        f32x16 sums[2] = {f32x16{}, f32x16{}};
+        int64_t t = 0;
+        for (; t + 16 <= count; t += 16) {
+            const f32x16 e = exp16(load16(scores + t));
+            std::memcpy(scores + t, &e, sizeof e);
+            f32x16 text, image;
+            for (int lane = 0; lane < 16; ++lane) {
+                text[lane] = part[t + lane] == TEXT_PART ? e[lane] : 0.0f;
+                image[lane] = part[t + lane] == IMAGE_PART ? e[lane] : 0.0f;
+            }
+            sums[0] += text;
+            sums[1] += image;
+        }
+        for (int lane = 0; lane < 16; ++lane) {
+            total[TEXT_PART] += sums[0][lane];
+            total[IMAGE_PART] += sums[1][lane];
+        }
+        for (; t < count; ++t) {
+            if (part[t] == NONE) continue;
+            scores[t] = std::exp(scores[t]);
+            total[part[t]] += scores[t];
+        }
+    } else {
+        for (int64_t t = 0; t < count; ++t) {
+            if (part[t] == NONE) continue;
+            scores[t] = std::exp(scores[t] - top[part[t]]);
+            total[part[t]] += scores[t];
+        }
     }
-    std::memset(out, 0, d * sizeof(float));
-    for (int64_t t = 0; t < count; ++t) {
-        if (part[t] == NONE) continue;
-        const float weight = scores[t] / total[part[t]];
-        const float* v = values + slots[t] * stride;
-        for (int64_t j = 0; j < d; ++j) out[j] += weight * v[j];
+    if constexpr (V > 0) {  // per part: the sum of exp-weighted values, divided once at the end
+        f32x16 sum[2][V];
+        for (int p = 0; p < 2; ++p)
+            for (int i = 0; i < V; ++i) sum[p][i] = f32x16{};
+        for (int64_t t = 0; t < count; ++t) {
+            if (part[t] == NONE) continue;
+            const float* v = values + slots[t] * stride;
+            const int p = part[t] - 1;
+            for (int i = 0; i < V; ++i) sum[p][i] += scores[t] * load16(v + 16 * i);
+        }
+        for (int i = 0; i < V; ++i) {
+            f32x16 o{};
+            for (int p = 0; p < 2; ++p)
+                if (total[p + 1] > 0.0f) o += sum[p][i] / total[p + 1];
+            std::memcpy(out + 16 * i, &o, sizeof o);
+        }
+    } else {
+        std::memset(out, 0, d * sizeof(float));
+        for (int64_t t = 0; t < count; ++t) {
+            if (part[t] == NONE) continue;
+            const float weight = scores[t] / total[part[t]];
+            const float* v = values + slots[t] * stride;
+            for (int64_t j = 0; j < d; ++j) out[j] += weight * v[j];
+        }
     }
 }
 
@@ -159,7 +256,9 @@ void attention(const Shape& s, const float* qkv, int64_t m, const float* keys,
         const int64_t r = job / s.heads, h = job % s.heads, g = h / shared;
         const int64_t count = positions[r] + 1;
         std::vector<float> scores(count);
-        attend(qkv + r * qkv_width + h * d, count, keys + g * d, values + g * d,
+        const auto run = d == 64 ? attend<4> : d == 128 ? attend<8> : d == 32 ? attend<2>
+                         : d == 16 ? attend<1> : attend<0>;
+        run(qkv + r * qkv_width + h * d, count, keys + g * d, values + g * d,
                key_slots + r * key_stride, kv_stride, d, s.scaling, parts[r].data(), scores.data(),
                out + r * s.heads * d + h * d);
     }
@@ -217,4 +316,12 @@ void vc_decode_pass(float* hidden, int64_t m, const int64_t* layers, int64_t num
 }
 
 int64_t vc_decode_layer_entries() { return LAYER; }
+
+// y = exp16(x) over n values (n a multiple of 16): the attention's exponential, for the tests.
+void vc_exp16(const float* x, int64_t n, float* y) {
+    for (int64_t i = 0; i + 16 <= n; i += 16) {
+        const f32x16 e = exp16(load16(x + i));
+        std::memcpy(y + i, &e, sizeof e);
+    }
+}
 }

@@ -12,18 +12,22 @@ import torch
 from block_formats import make_gguf_like
 from engine_testing import (
     GREEDY,
+    MODEL_SEED,
     WORKLOAD,
     assert_cache_empty,
     model_copy,
     record_logits,
     run_engine,
 )
+from factories import make_backbone_config, make_config, make_tokenizer
+from transformers import AutoModelForCausalLM
 
 from serving.engine import Engine, EngineConfig, block_kernels
 from serving.engine import native_decode as native
 from serving.engine.linear_kernels import KernelChoice
 from serving.engine.paged_attention import PagedKVStore
 from visualchat.api import VisualChat
+from visualchat.model.loading import build_model
 
 pytestmark = pytest.mark.skipif(
     not block_kernels.available(), reason="the native decode pass needs a C++ compiler (g++)"
@@ -160,3 +164,53 @@ def test_key_slots_that_do_not_end_at_the_new_slot_are_refused() -> None:
         engine.runner.native(
             embeds, torch.tensor([2]), torch.tensor([7]), torch.tensor([[4, 5, 6]])
         )
+
+
+def wide_model(head_dim: int, attention: str = "mmca"):
+    """A tiny GGUF-like model whose heads are `head_dim` wide (4 query heads, 2 kv heads): the
+    attention's vector paths (whole multiples of 16) rather than the any-width one the default
+    tiny model's 8 takes."""
+    tokenizer = make_tokenizer()
+    config = make_backbone_config(tokenizer, hidden_size=4 * head_dim)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(MODEL_SEED)
+        backbone = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model = build_model(make_config(attention), backbone.float().eval(), seed=MODEL_SEED)
+    make_gguf_like(model.language_model, lora_rank=4)
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_wide_heads_match_the_lean_forward_and_the_reference(head_dim: int) -> None:
+    model, tokenizer = wide_model(head_dim)
+    assert model.language_model.config.head_dim == head_dim
+    reference = VisualChat(copy.deepcopy(model), tokenizer)
+    passes = {}
+    for on in (True, False):
+        engine = gguf_like_engine(copy.deepcopy(model), tokenizer, native_decode=on)
+        native_rows = count_native_passes(engine) if on else None
+        passes[on] = record_logits(engine)
+        results, _ = run_engine(engine, [(c, GREEDY) for c in WORKLOAD[:6]])
+        if on:
+            assert len(native_rows) >= 10
+            for i, result in enumerate(results):
+                expected = reference.generate(WORKLOAD[i], GREEDY)
+                assert result.token_ids == expected.token_ids, i
+    assert len(passes[True]) == len(passes[False])
+    for i, (ours, theirs) in enumerate(zip(passes[True], passes[False], strict=True)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4, msg=f"pass {i}")
+
+
+def test_the_vector_exponential_is_within_two_ulp_and_zero_where_exp_is_not_normal() -> None:
+    library = block_kernels.library()
+    x = torch.cat(
+        [torch.linspace(-87.3, 88.0, 16 * 4000), torch.randn(16 * 1000) * 10, -torch.rand(160)]
+    )
+    y = torch.empty_like(x)
+    library.vc_exp16(x.data_ptr(), len(x), y.data_ptr())
+    expected = torch.exp(x)
+    ulp = (torch.nextafter(expected, torch.tensor(float("inf"))) - expected).abs()
+    assert bool(((y - expected).abs() <= 2 * ulp).all()), float(((y - expected).abs() / ulp).max())
+    low = torch.tensor([-87.4, -90.0, -104.0, -200.0, -1e30, -float("inf")] + [0.0] * 10)
+    library.vc_exp16(low.data_ptr(), 16, y[:16].data_ptr())
+    assert y[:6].tolist() == [0.0] * 6 and y[6:16].tolist() == [1.0] * 10
