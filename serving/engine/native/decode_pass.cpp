@@ -9,7 +9,7 @@
 // written out in float32, with sums in another order than torch's: outputs may differ from it
 // in the last bits, as the block products already do.
 //
-// What it reads, per layer, is a row of a table the Python side builds once (`Layer` below):
+// What it reads, per layer, is a row of a table the Python side builds once (layout below):
 // pointers to the norm weights, to the layer's key and value stores, and to each product's
 // blocks and low-rank factors. Per pass: the rows' hidden states (updated in place), their
 // rotary cos/sin, each row's new cache slot and the slots of its positions 0..p, and the slots'
@@ -230,14 +230,10 @@ void attend(const float* q, int64_t count, const float* keys, const float* value
     }
 }
 
-void attention(const Shape& s, const float* qkv, int64_t m, const float* keys,
-               const float* values, const int64_t* key_slots, int64_t key_stride,
-               const int64_t* positions, const int64_t* tags, const int64_t* new_slots,
-               float* out) {
-    const int64_t d = s.head_dim, shared = s.heads / s.kv_heads;
-    const int64_t qkv_width = (s.heads + 2 * s.kv_heads) * d, kv_stride = s.kv_heads * d;
-    // Each row's keys sorted into parts once for all heads (and all layers would do: the tags
-    // are the pass's; this is a pass over the slots per layer, small beside the scores).
+// Which part each of a row's keys 0..p enters, per row: the same in every layer of the pass.
+std::vector<std::vector<uint8_t>> key_parts(const Shape& s, int64_t m, const int64_t* key_slots,
+                                            int64_t key_stride, const int64_t* positions,
+                                            const int64_t* tags, const int64_t* new_slots) {
     std::vector<std::vector<uint8_t>> parts(m);
     for (int64_t r = 0; r < m; ++r) {
         const int64_t count = positions[r] + 1;  // keys 0..p, the row's own included
@@ -251,16 +247,25 @@ void attention(const Shape& s, const float* qkv, int64_t m, const float* keys,
                           : (tag == query_tag ? TEXT_PART : NONE);
         }
     }
+    return parts;
+}
+
+void attention(const Shape& s, const float* qkv, int64_t m, const float* keys,
+               const float* values, const int64_t* key_slots, int64_t key_stride,
+               const int64_t* positions, const std::vector<std::vector<uint8_t>>& parts,
+               float* out) {
+    const int64_t d = s.head_dim, shared = s.heads / s.kv_heads;
+    const int64_t qkv_width = (s.heads + 2 * s.kv_heads) * d, kv_stride = s.kv_heads * d;
+    const auto run = d == 64 ? attend<4> : d == 128 ? attend<8> : d == 32 ? attend<2>
+                     : d == 16 ? attend<1> : attend<0>;
 #pragma omp parallel for schedule(dynamic)
     for (int64_t job = 0; job < m * s.heads; ++job) {
         const int64_t r = job / s.heads, h = job % s.heads, g = h / shared;
         const int64_t count = positions[r] + 1;
         std::vector<float> scores(count);
-        const auto run = d == 64 ? attend<4> : d == 128 ? attend<8> : d == 32 ? attend<2>
-                         : d == 16 ? attend<1> : attend<0>;
         run(qkv + r * qkv_width + h * d, count, keys + g * d, values + g * d,
-               key_slots + r * key_stride, kv_stride, d, s.scaling, parts[r].data(), scores.data(),
-               out + r * s.heads * d + h * d);
+            key_slots + r * key_stride, kv_stride, d, s.scaling, parts[r].data(), scores.data(),
+            out + r * s.heads * d + h * d);
     }
 }
 
@@ -283,6 +288,7 @@ void vc_decode_pass(float* hidden, int64_t m, const int64_t* layers, int64_t num
     const int64_t qkv_width = (s.heads + 2 * s.kv_heads) * d, kv_stride = s.kv_heads * d;
     std::vector<float> x(m * h), qkv(m * qkv_width), attended(m * s.heads * d), residual(m * h);
     std::vector<float> gate_up(m * 2 * s.intermediate), act(m * s.intermediate);
+    const auto parts = key_parts(s, m, key_slots, key_stride, positions, tags, new_slots);
     for (int64_t l = 0; l < num_layers; ++l) {
         const int64_t* layer = layers + l * LAYER;
         const int64_t* products = layer + LAYER_HEAD;
@@ -298,7 +304,7 @@ void vc_decode_pass(float* hidden, int64_t m, const int64_t* layers, int64_t num
             std::memcpy(keys + new_slots[r] * kv_stride, k, kv_stride * sizeof(float));
             std::memcpy(values + new_slots[r] * kv_stride, k + kv_stride, kv_stride * sizeof(float));
         }
-        attention(s, qkv.data(), m, keys, values, key_slots, key_stride, positions, tags, new_slots,
+        attention(s, qkv.data(), m, keys, values, key_slots, key_stride, positions, parts,
                   attended.data());
         multiply(products + PRODUCT, attended.data(), m, residual.data());
         for (int64_t i = 0; i < m * h; ++i) hidden[i] += residual[i];
