@@ -28,6 +28,7 @@ from serving.engine.linear_kernels import KernelChoice
 from serving.engine.paged_attention import PagedKVStore
 from visualchat.api import VisualChat
 from visualchat.model.loading import build_model
+from visualchat.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(
     not block_kernels.available(), reason="the native decode pass needs a C++ compiler (g++)"
@@ -214,3 +215,18 @@ def test_the_vector_exponential_is_within_two_ulp_and_zero_where_exp_is_not_norm
     low = torch.tensor([-87.4, -90.0, -104.0, -200.0, -1e30, -float("inf")] + [0.0] * 10)
     library.vc_exp16(low.data_ptr(), 16, y[:16].data_ptr())
     assert y[:6].tolist() == [0.0] * 6 and y[6:16].tolist() == [1.0] * 10
+
+
+def test_preempted_and_recomputed_sequences_decode_natively_to_the_same_replies() -> None:
+    """A cache too small for all ten requests: the newest are preempted, their prompts and
+    replies recomputed into other slots, and decoding resumes through the native pass."""
+    model, tokenizer = gguf_like_model(lora_rank=4)
+    reference = VisualChat(copy.deepcopy(model), tokenizer)
+    engine = gguf_like_engine(model, tokenizer, max_num_batched_tokens=64, num_blocks=40)
+    native_rows = count_native_passes(engine)
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    results, requests = run_engine(engine, [(c, params) for c in WORKLOAD])
+    assert sum(r.num_preemptions for r in requests) >= 1 and len(native_rows) >= 10
+    for i, result in enumerate(results):
+        assert result.token_ids == reference.generate(WORKLOAD[i], params).token_ids, i
+    assert_cache_empty(engine)
