@@ -4,9 +4,10 @@ Why. With the block kernels a one-row decode step of the embedded default took ~
 B, of which the block products were ~12 ms; the rest was the lean forward's Python and its ~50
 small torch ops per layer (norms, rotary, cache writes, attention glue) and ~120 kernel calls
 through ctypes (`benchmarks/engine_ab.py`, README). A decode step's arithmetic besides the
-products is tiny (one row of norms and rotations; attention over a few hundred cached keys),
-so written out in C++ (`native/decode_pass.cpp`) it costs microseconds, and the step is close
-to its weight reads.
+products is small (one row of norms and rotations; attention over the cached keys), so
+written out in C++ (`native/decode_pass.cpp`) the step is close to its weight reads: a one-row
+step took 0.45x the time of the lean forward's, interleaved (10.0 against 22.0 ms), and 0.64x
+at 1,520 cached positions, where attention is a larger share (README, "Serving").
 
 When. A pass in which every scheduled chunk is one token (decode steps, the common case while
 streams run), on a Llama-family backbone the lean forward runs, whose every product the engine
@@ -17,21 +18,17 @@ the native pass cannot take is logged once, with the reason, when the engine sta
 Exactness. The arithmetic is the lean forward's in float32, but sums (norms, dot products,
 softmaxes) run in another order than torch's kernels, so hidden states may differ from the lean
 forward's in the last bits, as the block products' already do; the tests hold greedy output to
-the reference decoder's token for token, and compare the hidden states within float32 rounding.
+the reference decoder's token for token, and compare the logits pass for pass within 1e-4.
 The final norm and the head stay in torch (`LeanForward.logits`).
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 
 from serving.engine import block_kernels
 from serving.engine.lean_forward import LeanForward, Projection
 from serving.engine.paged_attention import PagedKVStore
-
-logger = logging.getLogger(__name__)
 
 FORMAT_CODES = {"q4_1": 0, "q8_0": 1}  # as decode_pass.cpp numbers them
 
