@@ -115,6 +115,18 @@ inline f32x16 load16(const float* p) {
     return v;
 }
 
+// The sum of 16 lanes, pairwise: 4 dependent adds instead of 15 in a row (a one-row step at
+// 1,520 cached positions: 0.89-0.90x the time, interleaved in a scratch script).
+inline float hsum(f32x16 v) {
+    typedef float f32x8 __attribute__((vector_size(32)));
+    typedef float f32x4 __attribute__((vector_size(16)));
+    const f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                    __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    const f32x4 b =
+        __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
 // e^x for 16 values, as Cephes' expf computes it: n = round(x / ln 2), r = x - n ln 2 (ln 2 in
 // two parts, so r keeps float32 accuracy), e^r by a degree-7 polynomial, times 2^n through the
 // exponent bits. For x up to 88, within 2 ulp of torch's exp where that is a normal float
@@ -161,8 +173,7 @@ void attend(const float* q, int64_t count, const float* keys, const float* value
         if constexpr (V > 0) {
             f32x16 acc = query[0] * load16(k);
             for (int i = 1; i < V; ++i) acc += query[i] * load16(k + 16 * i);
-            score = 0.0f;
-            for (int lane = 0; lane < 16; ++lane) score += acc[lane];
+            score = hsum(acc);
         } else {
             score = dot(q, k, d);
         }
