@@ -180,20 +180,21 @@ void attend(const float* q, int64_t count, const float* keys, const float* value
         scores[t] = score * scaling;
         if (scores[t] > top[part[t]]) top[part[t]] = scores[t];
     }
+    // exp(score - its part's max): 16 keys at a time where the head width allows (keys of no
+    // part get exp(-inf) = 0 there), the rest one by one
+    for (int64_t t = 0; t < count; ++t)
+        scores[t] = part[t] == NONE ? -INFINITY : scores[t] - top[part[t]];
     float total[3] = {0.0f, 0.0f, 0.0f};
+    int64_t next = 0;  // the first key the vector loop leaves
     if constexpr (V > 0) {
-        // exp(score - its part's max) 16 keys at a time; keys of no part get exp(-inf) = 0
-        for (int64_t t = 0; t < count; ++t)
-            scores[t] = part[t] == NONE ? -INFINITY : scores[t] - top[part[t]];
         f32x16 sums[2] = {f32x16{}, f32x16{}};
-        int64_t t = 0;
-        for (; t + 16 <= count; t += 16) {
-            const f32x16 e = exp16(load16(scores + t));
-            std::memcpy(scores + t, &e, sizeof e);
+        for (; next + 16 <= count; next += 16) {
+            const f32x16 e = exp16(load16(scores + next));
+            std::memcpy(scores + next, &e, sizeof e);
             f32x16 text, image;
             for (int lane = 0; lane < 16; ++lane) {
-                text[lane] = part[t + lane] == TEXT_PART ? e[lane] : 0.0f;
-                image[lane] = part[t + lane] == IMAGE_PART ? e[lane] : 0.0f;
+                text[lane] = part[next + lane] == TEXT_PART ? e[lane] : 0.0f;
+                image[lane] = part[next + lane] == IMAGE_PART ? e[lane] : 0.0f;
             }
             sums[0] += text;
             sums[1] += image;
@@ -202,17 +203,11 @@ void attend(const float* q, int64_t count, const float* keys, const float* value
             total[TEXT_PART] += sums[0][lane];
             total[IMAGE_PART] += sums[1][lane];
         }
-        for (; t < count; ++t) {
-            if (part[t] == NONE) continue;
-            scores[t] = std::exp(scores[t]);
-            total[part[t]] += scores[t];
-        }
-    } else {
-        for (int64_t t = 0; t < count; ++t) {
-            if (part[t] == NONE) continue;
-            scores[t] = std::exp(scores[t] - top[part[t]]);
-            total[part[t]] += scores[t];
-        }
+    }
+    for (int64_t t = next; t < count; ++t) {
+        if (part[t] == NONE) continue;
+        scores[t] = std::exp(scores[t]);
+        total[part[t]] += scores[t];
     }
     if constexpr (V > 0) {  // per part: the sum of exp-weighted values, divided once at the end
         f32x16 sum[2][V];
