@@ -398,9 +398,8 @@ def run_serving_bench(cfg: BenchConfig, parts: tuple[str, ...] | None = None) ->
         results["batching"] = _batching(engine, throughput_engine, vc, cfg)
         del throughput_engine
     if "single_stream" in parts:
-        results["single_stream"] = _single_stream(engine, cfg)
-        linears = engine.runner.linears
-        if linears is not None and linears.choice.kernel_for(1) == "blocks":
+        stream = results["single_stream"] = _single_stream(engine, cfg)
+        if stream["weight_bytes"] != stream["float32_weight_bytes"]:  # it read blocks
             # The same stream on the float32 weights: the bound moves with the bytes a step
             # reads (4 bytes a weight there against ~0.75 in blocks), so both are reported.
             float_engine = Engine(

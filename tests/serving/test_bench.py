@@ -93,6 +93,9 @@ def test_every_part_runs_and_the_engine_matches_the_reference(tiny_config: Bench
         fractions = [r[rate] / r["bandwidth_bound_tok_s"] for r in single["rounds"]]
         assert single[fraction] == pytest.approx(statistics.median(fractions))
     assert "through the EngineLoop thread" in format_table(results)
+    # float32 weights only (a random model is no block format): no second, float32 stream
+    assert single["weight_bytes"] == single["float32_weight_bytes"]
+    assert "single_stream_float32" not in results
     assert Path(results["curve"]["plot"]).stat().st_size > 0
     splitfuse = results["splitfuse"]
     for mode in ("chunked", "unchunked"):  # 2 streams and 1 long prompt
