@@ -11,7 +11,7 @@ this process just before (the machine's bandwidth moves; the median fraction is 
 
 The bound divides by the bytes a one-row step reads. Where the model's weights have block forms
 (the embedded default's Q4_1 / Q8_0, serving/engine/block_weights.py) that is their bytes, as
-the server's engine multiplies blocks at one row wherever they beat the float32 kernels (0.6x
+the server's engine multiplies blocks at one row wherever they beat the float32 kernels (0.33x
 their time on host B); the bound for the float32 weights is reported beside it.
 
     python benchmarks/server_stream.py [--tokens 96] [--rounds 5] [--port 8390] [--out r.json]

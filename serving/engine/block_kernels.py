@@ -1,7 +1,8 @@
 """Build and call the engine's block-format products (`native/block_gemm.cpp`) on CPU.
 
-The C++ file is compiled once per machine with the system's g++ (`-march=native`, OpenMP) into
-a cache folder and loaded with ctypes; a build takes ~5 s and is reused while the source, the
+The C++ files (the products, and the native decode pass that calls them, `native_decode.py`)
+are compiled together once per machine with the system's g++ (`-march=native`, OpenMP) into
+a cache folder and loaded with ctypes; a build takes ~5 s and is reused while the sources, the
 flags, the compiler and the CPU stay the same. No torch headers are involved, so the build needs
 only a C++ compiler; the library links OpenMP by soname and so runs on torch's own OpenMP
 threads inside the process (checked: one libgomp is mapped after loading it).

@@ -19,8 +19,9 @@ weight matrix, and on CPU how fast that runs depends on the machine, not only on
 - "blocks": for weights that are exactly a GGUF block format (Q4_1, Q8_0; with merged LoRA
   factors set apart), the block kernels over those blocks (`block_weights.py`,
   `block_kernels.py`): a fifth of the bytes. On host B a pass over the embedded default took
-  0.60x the best float32 kernel's time with one row, 0.71x with 8, 0.85x with 16, and more from
-  32 rows on. Products without a block form run `linear` under it.
+  0.33x the best float32 kernel's time with one row, 0.48x with 8, 0.71x with 16, and about as
+  long or longer from 32 rows on (`benchmarks/block_kernels_pass.py`). Products without a block
+  form run `linear` under it.
 
 MKL's own packed sgemm (`torch.ops.mkl._mkl_linear`) was tried and dropped. It packs for one exact
 row count and runs plain `linear` for any other; packed for the count it runs, it was 10-20% faster
