@@ -152,6 +152,19 @@ def run_engine(
     return [results[i] for i in ids], requests
 
 
+def give_biases_weight(model) -> list[torch.Tensor]:
+    """The backbone's linear biases (Qwen2's q/k/v), drawn at random in place: transformers
+    initialises them to zero, which would leave a forward that ignored them untested."""
+    biases = [
+        m.bias for m in model.language_model.modules() if getattr(m, "bias", None) is not None
+    ]
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for bias in biases:
+            bias.normal_(std=0.5)
+    return biases
+
+
 def record_logits(engine: Engine) -> list[torch.Tensor]:
     """Every pass's logits, in order."""
     passes: list[torch.Tensor] = []

@@ -11,6 +11,7 @@ import torch
 from engine_testing import (
     GREEDY,
     WORKLOAD,
+    give_biases_weight,
     make_engine,
     model_copy,
     record_logits,
@@ -41,14 +42,8 @@ def test_lean_logits_equal_transformers_logits_pass_for_pass(
     arch: str, attention: str, kernels: str | None
 ) -> None:
     model, tokenizer = model_copy(attention, arch=arch)
-    biases = [
-        m.bias for m in model.language_model.modules() if getattr(m, "bias", None) is not None
-    ]
+    biases = give_biases_weight(model)
     assert bool(biases) == (arch == "qwen2")
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        for bias in biases:  # transformers initialises them to zero: give them weight
-            bias.normal_(std=0.5)
     passes = {}
     for on in (True, False):
         config = EngineConfig(

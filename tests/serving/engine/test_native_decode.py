@@ -15,6 +15,7 @@ from engine_testing import (
     MODEL_SEED,
     WORKLOAD,
     assert_cache_empty,
+    give_biases_weight,
     model_copy,
     record_logits,
     run_engine,
@@ -39,12 +40,7 @@ def gguf_like_model(attention: str = "mmca", arch: str = "llama", lora_rank: int
     """A tiny model whose backbone weights are exactly Q4_1 (head Q8_0), as the embedded
     default's are, with LoRA factors merged in where lora_rank > 0."""
     model, tokenizer = model_copy(attention, arch=arch)
-    if arch == "qwen2":
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            for module in model.language_model.modules():
-                if getattr(module, "bias", None) is not None:
-                    module.bias.normal_(std=0.5)  # transformers makes them zero
+    assert bool(give_biases_weight(model)) == (arch == "qwen2")
     make_gguf_like(model.language_model, lora_rank=lora_rank)
     return model, tokenizer
 
@@ -63,18 +59,17 @@ def count_native_passes(engine: Engine) -> list[int]:
     """Rows of every pass the native decode pass runs, in order; checks on the way that the
     decode mirror holds no copies while it runs (it would only hold stale ones)."""
     rows: list[int] = []
-    call = engine.runner.native.__call__
+    native_pass = engine.runner.native
 
     class Counting:
         def __getattr__(self, name):
-            return getattr(engine.runner.native_inner, name)
+            return getattr(native_pass, name)
 
         def __call__(self, embeds, *args):
             rows.append(embeds.shape[0])
             assert engine.runner.mirror.num_bytes == 0
-            return call(embeds, *args)
+            return native_pass(embeds, *args)
 
-    engine.runner.native_inner = engine.runner.native
     engine.runner.native = Counting()
     return rows
 
