@@ -9,7 +9,7 @@ all. Printed: the median step of each and its ratio to the first, per number of 
 sequences.
 
     python benchmarks/engine_ab.py [--variants lean,transformers] [--sequences 1,16]
-        [--steps 100] [--rounds 3] [--words N] [--out r.json]
+        [--steps 100] [--rounds 3] [--words N | --mixed-words N] [--out r.json]
 
 The requests are the batching bench's image chats (~47 prompt tokens each), or with --words N
 text prompts of N words (N=1500 is ~1,520 tokens): long contexts, where attention's share of a
@@ -23,7 +23,12 @@ mirror: every decode group gathered from the paged cache in every layer, see
 serving/engine/decode_mirror.py), lean_float (the default engine on float32 weights only: no
 block kernels, see serving/engine/block_kernels.py), no_native (the default engine with its
 decode-only passes through the lean forward instead of the native decode pass, see
-serving/engine/native_decode.py).
+serving/engine/native_decode.py), no_native_attention (the default engine with the decode groups
+of its other passes gathered for SDPA, or read from the decode mirror, instead of attending
+natively from the slots, see serving/engine/paged_attention.py).
+
+With --mixed-words N the first sequence is a text prompt of N words and the rest image chats: a
+busy server's mix of one long context among short ones.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ VARIANTS: dict[str, dict] = {  # EngineConfig fields of each variant
     "lean_gather": {"decode_mirror_tokens": 0},
     "lean_float": {"block_kernels": False},
     "no_native": {"native_decode": False},
+    "no_native_attention": {"native_attention": False},
 }
 
 
@@ -66,7 +72,12 @@ def variant_engines(names: list[str], budget: int) -> dict[str, Engine]:
 
 
 def interleaved_steps(
-    engines: dict[str, Engine], sequences: int, steps: int, rounds: int, words: int = 0
+    engines: dict[str, Engine],
+    sequences: int,
+    steps: int,
+    rounds: int,
+    words: int = 0,
+    mixed_words: int = 0,
 ):
     """Median decode-step seconds of each engine, the engines stepping in turns."""
     chats = (
@@ -74,6 +85,8 @@ def interleaved_steps(
         if words
         else wl.image_chats(sequences, 5)
     )
+    if mixed_words:
+        chats[0] = wl.long_prompt_chat(mixed_words, 0)
     times: dict[str, list[float]] = {name: [] for name in engines}
     params = SamplingParams(max_tokens=steps + 20, ignore_eos=True)
     for _ in range(rounds):
@@ -100,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=100, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--words", type=int, default=0, help="text prompts of this many words")
+    parser.add_argument(
+        "--mixed-words", type=int, default=0, help="only the first prompt: text of this many words"
+    )
     parser.add_argument("--out", default=None, help="also write the results here (JSON)")
     args = parser.parse_args(argv)
     names = args.variants.split(",")
@@ -109,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     engines = variant_engines(names, budget=512)
     results = {}
     for sequences in (int(n) for n in args.sequences.split(",")):
-        medians = interleaved_steps(engines, sequences, args.steps, args.rounds, args.words)
+        medians = interleaved_steps(
+            engines, sequences, args.steps, args.rounds, args.words, args.mixed_words
+        )
         results[str(sequences)] = medians
         first = medians[names[0]]
         print(
@@ -122,7 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         atomic_write_json(
             args.out,
-            {"variants": names, "words": args.words, "step_seconds_median": results},
+            {
+                "variants": names,
+                "words": args.words,
+                "mixed_words": args.mixed_words,
+                "step_seconds_median": results,
+            },
         )
     return 0
 

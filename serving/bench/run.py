@@ -48,10 +48,18 @@ class BenchConfig:
     # its speed drifts by 10-20% between minutes); the sequential baseline runs once.
     batching_rounds: int = 3
     long_prompt_words: int = 1000  # SplitFuse: ~1,050 prompt tokens each
-    num_long_prompts: int = 6
-    long_prompt_rate: float = 0.3  # arrivals per second (Poisson)
-    num_streams: int = 6  # SplitFuse: streams decoding while long prompts arrive
-    stream_tokens: int = 128
+    num_long_prompts: int = 12
+    long_prompt_rate: float = 0.35  # arrivals per second (Poisson)
+    long_prompt_tokens: int = 16  # each long prompt's reply
+    # "mixed": this many image chats decode from the start until every long prompt has its
+    # reply (then their clients stop reading), at most stream_tokens tokens each. A server
+    # this busy has decode steps long enough (0.15-0.2 s at 32 rows on the 2-core CPU) that
+    # the long prompts' stalls are a visible share of the gaps; see README, "SplitFuse".
+    num_streams: int = 32
+    stream_tokens: int = 2048
+    # The streams and the queued prompts together outgrow the default 16,384-token cache; a
+    # preempted stream would be recomputed, which neither mode is being measured for.
+    splitfuse_cache_tokens: int = 32768
     # "mixed": the streams above plus the long prompts; "fastgen": DeepSpeed-FastGen's own
     # setup, every request a long prompt with a moderate reply, arriving open-loop.
     splitfuse_workload: SplitFuseWorkload = "mixed"
@@ -160,28 +168,36 @@ def _engine_figures(
     }
 
 
-def _splitfuse_workload(cfg: BenchConfig) -> list[tuple[float, Any, int]]:
-    """(arrival s, conversation, output tokens), by arrival."""
+SplitFuseRequests = tuple[list[tuple[float, Any, int]], list[tuple[float, Any, int]]]
+
+
+def _splitfuse_workload(cfg: BenchConfig) -> SplitFuseRequests:
+    """The arrivals, (second, conversation, output tokens) by arrival, and the background
+    streams (second, conversation, most tokens) that decode until the arrivals are answered
+    (workloads.run_open_loop)."""
     if cfg.splitfuse_workload not in SPLITFUSE_WORKLOADS:
         raise ValueError(
             f"splitfuse_workload must be one of {SPLITFUSE_WORKLOADS}, got {cfg.splitfuse_workload!r}"
         )
     if cfg.splitfuse_workload == "fastgen":
         # Every arrival is a long prefill; unchunked, each one stalls every request decoding
-        # at that moment, so stalls are a larger share of the inter-token gaps than in "mixed"
-        # (where 6 prompts meet 6 x 128 decode steps).
+        # at that moment.
         times = wl.poisson_arrivals(cfg.fastgen_rate, cfg.fastgen_requests, cfg.seed)
-        return [
+        arrivals = [
             (t, wl.long_prompt_chat(cfg.long_prompt_words, cfg.seed + 100 + i), cfg.fastgen_tokens)
             for i, t in enumerate(times)
         ]
-    arrivals = [
+        return arrivals, []
+    streams = [
         (0.05 * i, c, cfg.stream_tokens) for i, c in enumerate(wl.image_chats(cfg.num_streams, 7))
     ]
+    # The first prompt comes once the streams are decoding.
     times = wl.poisson_arrivals(cfg.long_prompt_rate, cfg.num_long_prompts, cfg.seed, start=2.0)
-    for i, t in enumerate(times):
-        arrivals.append((t, wl.long_prompt_chat(cfg.long_prompt_words, cfg.seed + i), 16))
-    return sorted(arrivals, key=lambda a: a[0])
+    arrivals = [
+        (t, wl.long_prompt_chat(cfg.long_prompt_words, cfg.seed + i), cfg.long_prompt_tokens)
+        for i, t in enumerate(times)
+    ]
+    return arrivals, streams
 
 
 def _summarise_timed(requests: list[wl.TimedRequest], cfg: BenchConfig, seconds: float) -> dict:
@@ -220,17 +236,29 @@ def splitfuse_comparison(model, tokenizer, cfg: BenchConfig) -> dict[str, Any]:
         engine = Engine(
             copy.deepcopy(model),
             tokenizer,
-            EngineConfig(max_num_batched_tokens=cfg.splitfuse_budget, chunked_prefill=chunked),
+            EngineConfig(
+                max_num_batched_tokens=cfg.splitfuse_budget,
+                chunked_prefill=chunked,
+                max_cache_tokens=cfg.splitfuse_cache_tokens,
+            ),
         )
         loop = EngineLoop(engine)
+        arrivals, streams = _splitfuse_workload(cfg)
         try:
             started = time.perf_counter()
-            timed = wl.run_open_loop(loop, _splitfuse_workload(cfg))
+            timed = wl.run_open_loop(loop, arrivals, streams)
             seconds = time.perf_counter() - started
         finally:
             loop.shutdown()
         summary = _summarise_timed(timed, cfg, seconds)
         summary["budget"] = engine.budget
+        summary["num_streams"] = len(streams)
+        if streams:
+            prompts, background = timed[: len(arrivals)], timed[len(arrivals) :]
+            summary["long_prompt_ttft_s"] = wl.percentiles([r.ttft for r in prompts])
+            # A stream that reached its most tokens stopped decoding before the last prompt
+            # was answered: the later gaps saw fewer streams than configured.
+            summary["streams_ended_early"] = sum(r.finish_reason != "abort" for r in background)
         results["chunked" if chunked else "unchunked"] = summary
     on, off = results["chunked"], results["unchunked"]
     results["p95_itl_ratio_chunked_vs_unchunked"] = (
@@ -468,6 +496,14 @@ def format_table(results: dict[str, Any]) -> str:
                     f"{m['ttft_s']['p50']:.2f}/{m['ttft_s']['p95']:.2f}, {m['effective_throughput_req_s']:.3f}",
                 )
             )
+            if "long_prompt_ttft_s" in m:
+                rows.append(
+                    (
+                        f"splitfuse {mode}: long prompts' TTFT p50/p95 s; streams ended early",
+                        f"{m['long_prompt_ttft_s']['p50']:.2f}/{m['long_prompt_ttft_s']['p95']:.2f}; "
+                        f"{m['streams_ended_early']} of {m['num_streams']}",
+                    )
+                )
         rows.append(
             (
                 "splitfuse: p95 ITL chunked / unchunked",

@@ -132,6 +132,7 @@ class TimedRequest:
     arrival: float  # seconds since the workload started (when it was submitted)
     token_times: list[float] = field(default_factory=list)  # seconds since start, per token
     num_prompt_tokens: int = 0
+    finish_reason: str | None = None  # "length", "stop", or "abort" for a stream stopped early
 
     @property
     def ttft(self) -> float:
@@ -168,31 +169,54 @@ def direct_decode_rate(
 def run_open_loop(
     loop: EngineLoop,
     arrivals: list[tuple[float, Conversation, int]],  # (arrival second, chat, output tokens)
+    streams: list[tuple[float, Conversation, int]] = (),  # (start second, chat, most tokens)
 ) -> list[TimedRequest]:
     """Submit each request at its arrival time (open loop: arrivals never wait for replies),
-    stream it on its own thread and timestamp every token."""
-    results = [TimedRequest(arrival=a) for a, _, _ in arrivals]
+    stream it on its own thread and timestamp every token.
+
+    `streams` are background conversations that keep decoding while `arrivals` come in: each
+    starts at its second and reads tokens until every request of `arrivals` has its whole
+    reply, then its client stops reading (which aborts it, as a disconnect does), or until it
+    has its most tokens, whichever comes first. The results are the arrivals' in order, then
+    the streams'."""
+    everything = [*arrivals, *streams]
+    results = [TimedRequest(arrival=a) for a, _, _ in everything]
     started = time.perf_counter()
-    inputs = [loop.engine.process(c) for _, c, _ in arrivals]
+    inputs = [loop.engine.process(c) for _, c, _ in everything]
+    replied = threading.Event()  # every arrival has its whole reply
 
     def consume(i: int) -> None:
-        params = SamplingParams(max_tokens=arrivals[i][2], ignore_eos=True)
+        params = SamplingParams(max_tokens=everything[i][2], ignore_eos=True)
         results[i].num_prompt_tokens = inputs[i].num_tokens
-        for out in loop.stream_outputs(inputs[i], params):
-            now = time.perf_counter() - started
-            results[i].token_times += [now] * len(out.new_token_ids)
+        outputs = loop.stream_outputs(inputs[i], params)
+        try:
+            for out in outputs:
+                now = time.perf_counter() - started
+                results[i].token_times += [now] * len(out.new_token_ids)
+                if out.finished:
+                    results[i].finish_reason = out.finish_reason
+                elif i >= len(arrivals) and replied.is_set():
+                    results[i].finish_reason = "abort"
+                    break
+        finally:
+            outputs.close()  # a stream stopped early aborts its request here
 
-    threads = []
-    for i, (arrival, _, _) in enumerate(arrivals):
-        delay = arrival - (time.perf_counter() - started)
+    order = sorted(range(len(everything)), key=lambda i: everything[i][0])
+    threads: list[threading.Thread] = []
+    for i in order:
+        delay = everything[i][0] - (time.perf_counter() - started)
         if delay > 0:
             time.sleep(delay)
         results[i].arrival = time.perf_counter() - started
         thread = threading.Thread(target=consume, args=(i,), daemon=True)
         thread.start()
         threads.append(thread)
-    for thread in threads:
-        thread.join()
+    by_index = dict(zip(order, threads, strict=True))
+    for i in range(len(arrivals)):
+        by_index[i].join()
+    replied.set()
+    for i in range(len(arrivals), len(everything)):
+        by_index[i].join()
     return results
 
 

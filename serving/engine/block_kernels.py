@@ -149,6 +149,25 @@ def library() -> ctypes.CDLL | None:
         ctypes.c_void_p,  # tags: (slots,) int64
     ]
     lib.vc_decode_pass.restype = None
+    lib.vc_decode_attention.argtypes = [
+        ctypes.c_void_p,  # q: the pass's queries, float32
+        ctypes.c_void_p,  # rows: (m,) int64, the query row of each attending row
+        ctypes.c_int64,  # q_stride: floats from one query row to the next
+        ctypes.c_int64,  # m
+        ctypes.c_void_p,  # keys: (slots, kv heads, head_dim) float32
+        ctypes.c_void_p,  # values: same
+        ctypes.c_void_p,  # key_slots: (m, key_stride) int64
+        ctypes.c_int64,  # key_stride
+        ctypes.c_void_p,  # counts: (m,) int64
+        ctypes.c_void_p,  # parts: (m, parts_stride) uint8
+        ctypes.c_int64,  # parts_stride
+        ctypes.c_int64,  # heads
+        ctypes.c_int64,  # kv heads
+        ctypes.c_int64,  # head_dim
+        ctypes.c_float,  # scaling
+        ctypes.c_void_p,  # out: (m, heads, head_dim) float32
+    ]
+    lib.vc_decode_attention.restype = None
     lib.vc_exp16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]  # x, n, y
     lib.vc_exp16.restype = None
     for name in ("vc_q4_1_block_bytes", "vc_q8_0_block_bytes", "vc_decode_layer_entries"):

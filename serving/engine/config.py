@@ -35,6 +35,11 @@ class EngineConfig:
     # Decode-only passes that the block kernels multiply run every layer in one native call
     # (serving/engine/native_decode.py). False: the lean forward for them too, for comparison.
     native_decode: bool = True
+    # The decode rows of other passes (more rows than the native pass takes, or beside a prompt
+    # chunk) attend in native code straight from their cache slots, instead of gathering every
+    # sequence's keys into a batch padded to the longest context (paged_attention.py). CPU
+    # float32 caches only. False: the gather (or the decode mirror) and SDPA, for comparison.
+    native_attention: bool = True
     # Llama-family backbones (serving/engine/lean_forward.py) run the engine's own flat forward
     # instead of transformers' modules: the same arithmetic without their per-call overhead.
     # False: transformers' forward for every backbone, for comparison.

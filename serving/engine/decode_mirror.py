@@ -23,6 +23,10 @@ The values are the same numbers in the same layout as a fresh gather, so attenti
 are the gather path's to the bit (tested). The cost is memory: the decode group's cached
 positions once more, at most `max_tokens` positions (sequences x room) across all layers; a
 group that needs more is gathered every step as before.
+
+Where decode groups attend natively from the slots (`paged_attention.native_decode_attention`:
+a CPU float32 cache and the native library built) nothing is gathered and the mirror stays
+empty; it serves the gather path elsewhere (other devices and dtypes, no compiler).
 """
 
 from __future__ import annotations

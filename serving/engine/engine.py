@@ -67,6 +67,7 @@ class Engine:
             self.config.decode_mirror_tokens,
             self.config.block_kernels,
             self.config.native_decode,
+            self.config.native_attention,
         )
         self.image_cache = ImageFeatureCache(self.config.image_cache_entries)
         self.stop_ids = stop_token_ids(model, tokenizer)

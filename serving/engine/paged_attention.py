@@ -10,8 +10,11 @@ gathered by block table: all single-token decodes as one padded batch, each prom
 own. The modality tag of every cached position is kept in a slot-aligned tensor beside the
 blocks, so MMCA's rule (image rows within their image; text rows as text softmax + image
 softmax) holds across chunk boundaries, even when a chunk splits an image span. The math is
-`visualchat.model.attention`'s, so greedy output equals the reference decoder's. A decode group
-may read its keys from the decode mirror instead of gathering them (`decode_mirror`).
+`visualchat.model.attention`'s, so greedy output equals the reference decoder's. On a CPU
+float32 cache a decode group attends in native code instead, each sequence reading its own keys
+straight from their slots (`native_decode_attention`): no gather, no padding to the longest
+context. Elsewhere (no compiler, another device or dtype) a decode group may read its keys from
+the decode mirror instead of gathering them (`decode_mirror`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AttentionInterface
 
+from serving.engine import block_kernels
 from serving.engine.decode_mirror import DecodeMirror
 from visualchat.model.attention import TEXT, empty_rows, mmca_attention, mmca_masks
 
@@ -62,7 +66,7 @@ class AttentionGroup:
     # Masks with each kv head's query heads folded into the query rows (see the forward), as
     # additive masks in the cache's dtype (0 visible, -inf not): SDPA would turn a boolean mask
     # into this in every call, i.e. in every layer.
-    text_part: torch.Tensor  # (b, 1, shared * q, k)
+    text_part: torch.Tensor | None  # (b, 1, shared * q, k); None: a native group (below)
     image_part: torch.Tensor | None  # same shape; None for causal attention
     # Rows of each part that see no key, (b, 1, shared * q, 1); None where there are none.
     empty: tuple[torch.Tensor | None, torch.Tensor | None]
@@ -72,6 +76,11 @@ class AttentionGroup:
     # A decode group's keys and values kept gathered between steps (see decode_mirror); None:
     # gathered from the slots in every layer.
     mirror: DecodeMirror | None = None
+    # A decode group that the native attention reads straight from the slots (see
+    # `native_decode_attention`): which softmax each key enters, (b, k) uint8 (0 none, 1 text,
+    # 2 image), and each sequence's key count, (b,) int64. None: the gather and SDPA path.
+    native_parts: torch.Tensor | None = None
+    native_counts: torch.Tensor | None = None
 
 
 @dataclass
@@ -89,6 +98,7 @@ def build_group(
     key_slots: list[torch.Tensor],  # per sequence: (k_i,) slots of positions 0..k_i-1
     mmca: bool,
     shared: int,  # query heads per kv head (grouped-query attention)
+    native: bool = False,  # a group of one query per sequence attends natively (see above)
 ) -> AttentionGroup:
     b = len(query_rows)
     max_q = max(len(r) for r in query_rows)
@@ -116,12 +126,32 @@ def build_group(
         text_part = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]
         image_part = None  # one softmax over everything earlier: a single fused call
     valid = q_valid[:, :, None]
+    out_rows = q_index[q_valid]
+    if native and max_q == 1:
+        # The parts as codes per key; SDPA's folded additive masks are not needed.
+        parts = text_part[:, 0].to(torch.uint8)  # (b, k)
+        if image_part is not None:
+            parts += 2 * image_part[:, 0].to(torch.uint8)  # disjoint from the text part
+        return AttentionGroup(
+            query_index=q_index.view(-1),
+            query_prefix=torch.equal(q_index.view(-1), torch.arange(b, device=device)),
+            num_queries=1,
+            key_slots=k_slots.view(-1),
+            num_keys=max_k,
+            text_part=None,
+            image_part=None,
+            empty=(None, None),
+            out_rows=out_rows,
+            out_index=None,
+            rows_in_order=torch.equal(out_rows, torch.arange(b, device=device)),
+            native_parts=parts.contiguous(),
+            native_counts=k_valid.sum(1),
+        )
 
     def folded(part: torch.Tensor) -> torch.Tensor:  # (b, q, k) -> (b, 1, shared * q, k)
         return (part & valid)[:, None].repeat(1, 1, shared, 1)
 
     all_valid = bool(q_valid.all())
-    out_rows = q_index[q_valid]
     text_part = folded(text_part)
     image_part = None if image_part is None else folded(image_part)
     empty = (empty_rows(text_part), None if image_part is None else empty_rows(image_part))
@@ -190,6 +220,10 @@ def paged_attention(
     shared = num_heads // kv_heads  # query heads per kv head (grouped-query attention)
     outputs = []  # (group, attended rows) per group
     for group in batch.groups:
+        if group.native_parts is not None:
+            attended = native_decode_attention(group, query, keys, values, scaling)
+            outputs.append((group, attended))
+            continue
         b, num_q, num_k = group.text_part.shape[0], group.num_queries, group.num_keys
         if group.mirror is not None:  # one query per sequence: its key and value are new
             rows = slice(0, b) if group.query_prefix else group.query_index
@@ -224,6 +258,55 @@ def paged_attention(
     for group, attended in outputs:
         out.index_copy_(0, group.out_rows, attended)
     return out  # (num_tokens, heads, head_dim)
+
+
+def native_attention_available(store: PagedKVStore) -> bool:
+    """Whether decode groups over this store can attend through `native_decode_attention`:
+    a CPU float32 cache, and the native library built (block_kernels logs why not)."""
+    keys = store.keys[0]
+    return keys.device.type == "cpu" and keys.dtype == torch.float32 and block_kernels.available()
+
+
+def native_decode_attention(
+    group: AttentionGroup,
+    query: torch.Tensor,  # (num_tokens, heads, head_dim) the flat ragged batch
+    keys: torch.Tensor,  # (slots, kv_heads, head_dim) the layer's store
+    values: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """A decode group's attention read straight from the slots by the native library
+    (native/decode_pass.cpp, the native decode pass's own attention): (b, heads, head_dim).
+
+    Why. The torch path gathers every sequence's keys and values into a batch padded to the
+    longest context, in every layer; with many sequences of mixed lengths (a busy server: short
+    chats beside a long document's reply) the copies and the padded SDPA cost most of a step.
+    Here each (sequence, query head) reads its own keys once from their slots. Same math as
+    `mmca_attention`, in float32, its sums in another order (results agree to ~1e-6)."""
+    b, heads, head_dim = group.native_parts.shape[0], query.shape[1], query.shape[2]
+    kv_heads = keys.shape[1]
+    if query.dtype != torch.float32 or query.stride(2) != 1 or query.stride(1) != head_dim:
+        query = query.to(torch.float32).contiguous()
+    rows = group.query_index  # (b,) the query row of each sequence
+    out = torch.empty(b, heads, head_dim, dtype=torch.float32)
+    block_kernels.library().vc_decode_attention(
+        query.data_ptr(),
+        rows.data_ptr(),
+        query.stride(0),
+        b,
+        keys.data_ptr(),
+        values.data_ptr(),
+        group.key_slots.data_ptr(),
+        group.num_keys,
+        group.native_counts.data_ptr(),
+        group.native_parts.data_ptr(),
+        group.num_keys,
+        heads,
+        kv_heads,
+        head_dim,
+        scaling,
+        out.data_ptr(),
+    )
+    return out
 
 
 def register_paged_attention() -> None:

@@ -16,6 +16,7 @@ from serving.engine.paged_attention import (
     PagedBatch,
     PagedKVStore,
     build_group,
+    native_attention_available,
     register_paged_attention,
 )
 from serving.engine.request import Request
@@ -35,6 +36,7 @@ class ModelRunner:
         decode_mirror_tokens: int = 0,
         block_kernels: bool = True,
         native_decode: bool = True,
+        native_attention: bool = True,
     ) -> None:
         self.model = model
         self.blocks = blocks
@@ -60,6 +62,10 @@ class ModelRunner:
             device=model.device,
         )
         self.mirror = DecodeMirror(lm_config.num_hidden_layers, decode_mirror_tokens)
+        # Decode groups of the other passes (too many rows for the native pass, or beside a
+        # prompt chunk) attend natively from the slots where they can (see paged_attention);
+        # the mirror then has nothing to hold.
+        self.native_attention = native_attention and native_attention_available(self.store)
         # The runner borrows the model: it switches the backbone to paged attention for its
         # lifetime and `release` gives the model back with the attention it came with.
         self.model_attention = model.config.attention
@@ -162,8 +168,10 @@ class ModelRunner:
             return self.lean.logits(hidden, sample_rows_t)
         batch = PagedBatch(store=self.store, new_slots=new_slots, mmca=self.mmca)
         if decode_group:
-            group = self._group(decode_group)
-            if self.mirror.plan(tuple(decode_ids), [slots for _, _, slots in decode_group]):
+            group = self._group(decode_group, native=self.native_attention)
+            if group.native_parts is not None:
+                self.mirror.clear()
+            elif self.mirror.plan(tuple(decode_ids), [slots for _, _, slots in decode_group]):
                 group.mirror = self.mirror
             batch.groups.append(group)
         else:
@@ -182,7 +190,7 @@ class ModelRunner:
         )
         return out.logits[0]  # (num_sampling_chunks, vocab)
 
-    def _group(self, entries) -> object:
+    def _group(self, entries, native: bool = False) -> object:
         rows, positions, key_slots = zip(*entries, strict=True)
         device = self.model.device
         return build_group(
@@ -192,6 +200,7 @@ class ModelRunner:
             [s.to(device) for s in key_slots],
             self.mmca,
             self.shared_heads,
+            native,
         )
 
     def _embed(

@@ -21,7 +21,7 @@ from serving.bench.run import (
     format_table,
     run_serving_bench,
 )
-from serving.engine import Engine, EngineConfig, linear_kernels
+from serving.engine import Engine, EngineConfig, EngineLoop, linear_kernels
 from serving.engine.linear_kernels import KernelChoice
 from visualchat.api import VisualChat
 from visualchat.cli import main
@@ -99,7 +99,10 @@ def test_every_part_runs_and_the_engine_matches_the_reference(tiny_config: Bench
     assert Path(results["curve"]["plot"]).stat().st_size > 0
     splitfuse = results["splitfuse"]
     for mode in ("chunked", "unchunked"):  # 2 streams and 1 long prompt
-        assert splitfuse[mode]["num_requests"] == 3 and splitfuse[mode]["budget"] == 16
+        summary = splitfuse[mode]
+        assert summary["num_requests"] == 3 and summary["budget"] == 16
+        assert summary["num_streams"] == 2 and 0 <= summary["streams_ended_early"] <= 2
+        assert summary["long_prompt_ttft_s"]["p50"] > 0
     table = format_table(results)
     assert "engine / HF static / sequential" in table
     assert any(
@@ -113,7 +116,8 @@ def test_the_fastgen_workload_gives_every_request_a_long_prompt(tiny_config: Ben
     assert "batching" not in results and results["splitfuse"]["workload"] == "fastgen"
     for mode in ("chunked", "unchunked"):
         assert results["splitfuse"][mode]["num_requests"] == 4
-    arrivals = _splitfuse_workload(cfg)
+    arrivals, streams = _splitfuse_workload(cfg)
+    assert streams == []  # nothing decodes beside the long prompts but themselves
     assert [a[0] for a in arrivals] == sorted(a[0] for a in arrivals)
     assert all(tokens == cfg.fastgen_tokens for _, _, tokens in arrivals)
     prompts = [chat.messages[0].parts[0].text for _, chat, _ in arrivals]
@@ -166,10 +170,45 @@ def test_the_cli_sets_the_splitfuse_load(monkeypatch: pytest.MonkeyPatch, tmp_pa
     (cfg,) = seen
     assert cfg.long_prompt_rate == cfg.fastgen_rate == 0.9
     assert cfg.num_long_prompts == cfg.fastgen_requests == 10
-    assert len([a for a in _splitfuse_workload(cfg) if a[2] == 16]) == 10  # the long prompts
+    arrivals, streams = _splitfuse_workload(cfg)
+    assert len(arrivals) == 10 and len(streams) == cfg.num_streams
     assert main([*argv, "--arrival-rate", "0"]) == 2
     assert main([*argv, "--num-long-prompts", "0"]) == 2
     assert len(seen) == 1
+
+
+def test_the_mixed_workload_streams_decode_while_the_long_prompts_arrive() -> None:
+    cfg = BenchConfig(num_streams=3, stream_tokens=50, num_long_prompts=4, long_prompt_tokens=7)
+    arrivals, streams = _splitfuse_workload(cfg)
+    assert [tokens for _, _, tokens in arrivals] == [7] * 4
+    assert [tokens for _, _, tokens in streams] == [50] * 3
+    # The streams are under way before the first long prompt comes.
+    assert max(t for t, _, _ in streams) < min(t for t, _, _ in arrivals)
+    prompts = [chat.messages[0].parts[0].text for _, chat, _ in arrivals]
+    assert all(len(p.split()) > cfg.long_prompt_words for p in prompts)
+    assert all(chat.messages[0].parts[1:] for _, chat, _ in streams)  # image chats
+
+
+def test_streams_stop_once_every_arrival_is_answered() -> None:
+    model, tokenizer = make_model(seed=2, attention="causal")
+    engine = Engine(model, tokenizer, EngineConfig(max_num_batched_tokens=16))
+    loop = EngineLoop(engine)
+    chats = wl.image_chats(4, 3)
+    try:
+        # A stream with room for 400 tokens outlives the 3-token arrival; one with 2 does not.
+        timed = wl.run_open_loop(
+            loop, [(0.05, chats[0], 3)], [(0.0, chats[1], 400), (0.0, chats[2], 2)]
+        )
+    finally:
+        loop.shutdown()
+    arrival, long_stream, short_stream = timed
+    assert len(arrival.token_times) == 3 and arrival.finish_reason == "length"
+    assert short_stream.finish_reason == "length" and len(short_stream.token_times) == 2
+    # Stopped by its client after the arrival's last token, not at its 400.
+    assert long_stream.finish_reason == "abort"
+    assert 3 <= len(long_stream.token_times) < 400
+    assert long_stream.token_times[-1] >= arrival.token_times[-1]
+    assert not engine.requests and engine.blocks.num_used_blocks == 0  # the abort freed it
 
 
 def test_the_summary_counts_stalled_gaps() -> None:

@@ -256,22 +256,34 @@ std::vector<std::vector<uint8_t>> key_parts(const Shape& s, int64_t m, const int
     return parts;
 }
 
-void attention(const Shape& s, const float* qkv, int64_t m, const float* keys,
-               const float* values, const int64_t* key_slots, int64_t key_stride,
-               const int64_t* positions, const std::vector<std::vector<uint8_t>>& parts,
-               float* out) {
-    const int64_t d = s.head_dim, shared = s.heads / s.kv_heads;
-    const int64_t qkv_width = (s.heads + 2 * s.kv_heads) * d, kv_stride = s.kv_heads * d;
+// Attention of m rows of one query each: row r's query heads at q + (rows ? rows[r] : r) *
+// q_stride, its keys and values at key_slots[r][0..counts[r]) of the layer's stores, each key
+// entering the softmax parts[r][t] names (NONE, TEXT_PART or IMAGE_PART). out: (m, heads, d).
+struct Queries {
+    const float* q;
+    const int64_t* rows;  // nullptr: row r is query row r
+    int64_t q_stride;
+    int64_t m;
+    const int64_t* key_slots;
+    int64_t key_stride;
+    const int64_t* counts;
+    const uint8_t* const* parts;
+};
+
+void attention(const Queries& in, int64_t heads, int64_t kv_heads, int64_t d, float scaling,
+               const float* keys, const float* values, float* out) {
+    const int64_t shared = heads / kv_heads, kv_stride = kv_heads * d;
     const auto run = d == 64 ? attend<4> : d == 128 ? attend<8> : d == 32 ? attend<2>
                      : d == 16 ? attend<1> : attend<0>;
 #pragma omp parallel for schedule(dynamic)
-    for (int64_t job = 0; job < m * s.heads; ++job) {
-        const int64_t r = job / s.heads, h = job % s.heads, g = h / shared;
-        const int64_t count = positions[r] + 1;
+    for (int64_t job = 0; job < in.m * heads; ++job) {
+        const int64_t r = job / heads, h = job % heads, g = h / shared;
+        const int64_t count = in.counts[r];
+        const int64_t row = in.rows ? in.rows[r] : r;
         std::vector<float> scores(count);
-        run(qkv + r * qkv_width + h * d, count, keys + g * d, values + g * d,
-            key_slots + r * key_stride, kv_stride, d, s.scaling, parts[r].data(), scores.data(),
-            out + r * s.heads * d + h * d);
+        run(in.q + row * in.q_stride + h * d, count, keys + g * d, values + g * d,
+            in.key_slots + r * in.key_stride, kv_stride, d, scaling, in.parts[r], scores.data(),
+            out + r * heads * d + h * d);
     }
 }
 
@@ -295,6 +307,14 @@ void vc_decode_pass(float* hidden, int64_t m, const int64_t* layers, int64_t num
     std::vector<float> x(m * h), qkv(m * qkv_width), attended(m * s.heads * d), residual(m * h);
     std::vector<float> gate_up(m * 2 * s.intermediate), act(m * s.intermediate);
     const auto parts = key_parts(s, m, key_slots, key_stride, positions, tags, new_slots);
+    std::vector<int64_t> counts(m);
+    std::vector<const uint8_t*> part_rows(m);
+    for (int64_t r = 0; r < m; ++r) {
+        counts[r] = positions[r] + 1;  // keys 0..p, the row's own included
+        part_rows[r] = parts[r].data();
+    }
+    const Queries queries{qkv.data(), nullptr, qkv_width, m, key_slots,
+                          key_stride,  counts.data(), part_rows.data()};
     for (int64_t l = 0; l < num_layers; ++l) {
         const int64_t* layer = layers + l * LAYER;
         const int64_t* products = layer + LAYER_HEAD;
@@ -310,8 +330,7 @@ void vc_decode_pass(float* hidden, int64_t m, const int64_t* layers, int64_t num
             std::memcpy(keys + new_slots[r] * kv_stride, k, kv_stride * sizeof(float));
             std::memcpy(values + new_slots[r] * kv_stride, k + kv_stride, kv_stride * sizeof(float));
         }
-        attention(s, qkv.data(), m, keys, values, key_slots, key_stride, positions, parts,
-                  attended.data());
+        attention(queries, s.heads, s.kv_heads, d, s.scaling, keys, values, attended.data());
         multiply(products + PRODUCT, attended.data(), m, residual.data());
         for (int64_t i = 0; i < m * h; ++i) hidden[i] += residual[i];
         rms_norm(hidden, ptr<const float>(layer[1]), m, h, s.eps, x.data());
@@ -328,6 +347,25 @@ void vc_decode_pass(float* hidden, int64_t m, const int64_t* layers, int64_t num
 }
 
 int64_t vc_decode_layer_entries() { return LAYER; }
+
+// One layer's attention for the lean forward's decode groups (one query per row), whose new
+// keys and values are already in their slots: the native pass's attention above, without the
+// gathers and the padding to the longest context that the torch path needs. q: the pass's
+// queries, row rows[r] of stride q_stride floats (heads x head_dim contiguous within a row).
+// key_slots (m, key_stride) int64, counts (m,): row r attends to key_slots[r][0..counts[r]).
+// parts (m, parts_stride) uint8: which softmax each of those keys enters (0 none, 1 text,
+// 2 image), worked out by the caller (paged_attention.py, from MMCA's masks). out: (m, heads,
+// head_dim) float32.
+void vc_decode_attention(const float* q, const int64_t* rows, int64_t q_stride, int64_t m,
+                         const float* keys, const float* values, const int64_t* key_slots,
+                         int64_t key_stride, const int64_t* counts, const uint8_t* parts,
+                         int64_t parts_stride, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                         float scaling, float* out) {
+    std::vector<const uint8_t*> part_rows(m);
+    for (int64_t r = 0; r < m; ++r) part_rows[r] = parts + r * parts_stride;
+    const Queries queries{q, rows, q_stride, m, key_slots, key_stride, counts, part_rows.data()};
+    attention(queries, heads, kv_heads, head_dim, scaling, keys, values, out);
+}
 
 // y = exp16(x) over n values (n a multiple of 16): the attention's exponential, for the tests.
 void vc_exp16(const float* x, int64_t n, float* y) {

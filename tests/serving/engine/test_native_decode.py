@@ -100,18 +100,27 @@ def test_native_passes_compute_the_lean_forwards_logits(
 
 
 @pytest.mark.parametrize(
-    ("attention", "budget", "requests"), [("mmca", 64, 10), ("causal", 64, 10), ("mmca", 1, 4)]
+    ("attention", "budget", "requests", "native_attention"),
+    [
+        ("mmca", 64, 10, True),
+        ("mmca", 64, 10, False),
+        ("causal", 64, 10, True),
+        ("mmca", 1, 4, True),
+    ],
 )
 def test_greedy_output_through_native_passes_is_the_reference_decoders(
-    attention: str, budget: int, requests: int
+    attention: str, budget: int, requests: int, native_attention: bool
 ) -> None:
     """Many requests with 0-3 images, several rounds, decode passes beside and between prompt
-    chunks: the native passes and the lean forward's mirrored passes take turns over the same
-    sequences, and every reply is the reference decoder's. With a budget of 1 every pass is one
-    token, so the prompts go through the native pass too: image queries included."""
+    chunks: the native passes and the lean forward's passes take turns over the same sequences
+    (their decode groups attending natively from the slots, or through the decode mirror), and
+    every reply is the reference decoder's. With a budget of 1 every pass is one token, so the
+    prompts go through the native pass too: image queries included."""
     model, tokenizer = gguf_like_model(attention, lora_rank=4)
     reference = VisualChat(copy.deepcopy(model), tokenizer)
-    engine = gguf_like_engine(model, tokenizer, max_num_batched_tokens=budget)
+    engine = gguf_like_engine(
+        model, tokenizer, max_num_batched_tokens=budget, native_attention=native_attention
+    )
     native_rows = count_native_passes(engine)
     prompts = [(c, GREEDY) for c in WORKLOAD[:requests]]
     results, handled = run_engine(engine, prompts)
@@ -122,6 +131,8 @@ def test_greedy_output_through_native_passes_is_the_reference_decoders(
     for i, result in enumerate(results):
         expected = reference.generate(WORKLOAD[i], GREEDY)
         assert (result.text, result.token_ids) == (expected.text, expected.token_ids), i
+    if not native_attention:  # the mirror held the lean forward's decode groups between steps
+        assert engine.runner.mirror.num_appends > 0
     assert_cache_empty(engine)
 
 

@@ -1,0 +1,127 @@
+"""Native attention for decode groups: read straight from the cache slots, it gives what the
+gather-and-SDPA path gives (MMCA's two softmaxes, image queries within their image, causal
+attention, grouped-query heads, strided queries), and an engine using it computes the same
+logits pass for pass as one without it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_testing import GREEDY, WORKLOAD, make_engine, record_logits, run_engine
+
+from serving.engine import block_kernels
+from serving.engine import paged_attention as paged
+from serving.engine.paged_attention import PagedBatch, PagedKVStore, build_group
+
+pytestmark = pytest.mark.skipif(
+    not block_kernels.available(), reason="native attention needs a C++ compiler (g++)"
+)
+
+SLOTS = 512
+
+
+def random_store(kv_heads: int, head_dim: int, seed: int = 0) -> PagedKVStore:
+    store = PagedKVStore(1, SLOTS, kv_heads, head_dim, torch.float32, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(seed)
+    store.keys[0].copy_(torch.randn(SLOTS, kv_heads, head_dim, generator=generator))
+    store.values[0].copy_(torch.randn(SLOTS, kv_heads, head_dim, generator=generator))
+    return store
+
+
+def decode_sequences(store: PagedKVStore) -> tuple[list, list, list]:
+    """Four sequences of one new token each, in scattered slots, of 1 to 40 positions: text
+    only; text with an image span (a text query after it); a query inside its image span; and
+    one whose only key is its own. Returns per sequence (query row, position, key slots)."""
+    free = torch.randperm(SLOTS, generator=torch.Generator().manual_seed(1))
+    layouts = [
+        [0] * 23,
+        [0] * 5 + [1] * 8 + [0] * 4 + [2] * 8 + [0] * 15,  # 40 positions, two images
+        [0] * 6 + [1] * 5,  # the last position is image 1's: an image query
+        [0],
+    ]
+    rows, positions, key_slots, start = [], [], [], 0
+    for i, tags in enumerate(layouts):
+        slots = free[start : start + len(tags)]
+        start += len(tags)
+        store.tags[slots] = torch.tensor(tags)
+        rows.append(torch.tensor([i]))
+        positions.append(torch.tensor([len(tags) - 1]))
+        key_slots.append(slots)
+    return rows, positions, key_slots
+
+
+@pytest.mark.parametrize("mmca", [True, False])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 2, 8), (6, 3, 64), (2, 2, 16)])
+def test_native_decode_groups_attend_as_the_gather_path_does(
+    mmca: bool, heads: int, kv_heads: int, head_dim: int
+) -> None:
+    store = random_store(kv_heads, head_dim)
+    rows, positions, key_slots = decode_sequences(store)
+    generator = torch.Generator().manual_seed(2)
+    # q, k and v side by side in one row, as the lean forward's views of its qkv product are:
+    # the queries' rows are strided, not contiguous.
+    qkv = torch.randn(4, (heads + 2 * kv_heads) * head_dim, generator=generator)
+    query = qkv[:, : heads * head_dim].view(4, heads, head_dim)
+    key = store.keys[0][torch.stack([s[-1] for s in key_slots])].clone()  # already in the cache
+    value = store.values[0][torch.stack([s[-1] for s in key_slots])].clone()
+    new_slots = torch.stack([s[-1] for s in key_slots])
+    out = {}
+    for native in (True, False):
+        group = build_group(store, rows, positions, key_slots, mmca, heads // kv_heads, native)
+        assert (group.native_parts is not None) == native
+        batch = PagedBatch(store=store, new_slots=new_slots, groups=[group], mmca=mmca)
+        out[native] = paged.paged_attention(batch, 0, query, key, value, head_dim**-0.5)
+    assert out[True].shape == (4, heads, head_dim)
+    torch.testing.assert_close(out[True], out[False], rtol=1e-5, atol=1e-5)
+    # The rows differ from each other: the test would see rows mixed up.
+    assert not torch.allclose(out[True][0], out[True][1])
+
+
+def test_the_parts_follow_mmca() -> None:
+    store = random_store(2, 8)
+    rows, positions, key_slots = decode_sequences(store)
+    group = build_group(store, rows, positions, key_slots, True, 2, native=True)
+    parts = group.native_parts  # (4, 40)
+    assert group.native_counts.tolist() == [23, 40, 11, 1]
+    assert parts[1, :40].tolist() == [1] * 5 + [2] * 8 + [1] * 4 + [2] * 8 + [1] * 15
+    assert parts[2, :11].tolist() == [0] * 6 + [2] * 5  # an image query: its own image only
+    assert parts[3, :1].tolist() == [1] and not parts[3, 1:].any()  # padding enters nothing
+    causal = build_group(store, rows, positions, key_slots, False, 2, native=True)
+    assert causal.native_parts[1, :40].tolist() == [1] * 40
+
+
+def test_groups_of_longer_chunks_keep_the_gather_path() -> None:
+    store = random_store(2, 8)
+    rows = [torch.tensor([0, 1, 2])]
+    group = build_group(store, rows, [torch.arange(3)], [torch.arange(3)], True, 2, native=True)
+    assert group.native_parts is None and group.text_part is not None
+
+
+@pytest.mark.parametrize("attention", ["mmca", "causal"])
+def test_an_engine_with_native_attention_computes_the_same_logits(
+    attention: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pass for pass against the same engine gathering for SDPA: the same passes and greedy
+    tokens, logits equal to float32 rounding; decode groups beside prompt chunks included."""
+    calls = []
+    real = paged.native_decode_attention
+
+    def counting(group, *args):
+        calls.append(group.native_parts.shape[0])
+        return real(group, *args)
+
+    monkeypatch.setattr(paged, "native_decode_attention", counting)
+    passes = {}
+    for native in (True, False):
+        engine = make_engine(attention, max_num_batched_tokens=13, native_attention=native)
+        assert engine.runner.native_attention == native
+        passes[native] = record_logits(engine)
+        run_engine(engine, [(c, GREEDY) for c in WORKLOAD[:6]])
+        if native:
+            assert engine.runner.mirror.num_gathers == 0  # nothing for the mirror to hold
+    layers = engine.model.language_model.config.num_hidden_layers
+    assert len(calls) >= 10 * layers and max(calls) >= 3
+    assert len(passes[True]) == len(passes[False])
+    for i, (ours, theirs) in enumerate(zip(passes[True], passes[False], strict=True)):
+        assert ours.argmax(-1).tolist() == theirs.argmax(-1).tolist(), f"pass {i}"
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4, msg=f"pass {i}")
