@@ -184,13 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--arrival-rate",
         type=float,
         default=None,
-        help="SplitFuse: long prompts per second (Poisson; default 0.3 mixed, 0.2 fastgen)",
+        help="SplitFuse: long prompts per second (Poisson; default 0.35 mixed, 0.2 fastgen)",
     )
     serving.add_argument(
         "--num-long-prompts",
         type=int,
         default=None,
-        help="SplitFuse: long prompts that arrive (default 6 mixed, 12 fastgen)",
+        help="SplitFuse: long prompts that arrive (default 12 either way)",
+    )
+    serving.add_argument(
+        "--num-streams",
+        type=int,
+        default=None,
+        help="SplitFuse, mixed workload: image chats decoding while the long prompts arrive "
+        "(default 32)",
     )
     serving.add_argument(
         "--batching-budget",
@@ -489,10 +496,16 @@ def cmd_bench_serving(args: argparse.Namespace) -> int:
     if args.num_long_prompts is not None and args.num_long_prompts < 1:
         print("error: --num-long-prompts must be positive", file=sys.stderr)
         return 2
+    if args.num_streams is not None and args.num_streams < 0:
+        print("error: --num-streams must not be negative", file=sys.stderr)
+        return 2
     cfg = cfg.with_splitfuse_load(args.arrival_rate, args.num_long_prompts)
+    if args.num_streams is not None:
+        cfg.num_streams = args.num_streams
     if args.quick:
         cfg.num_chats, cfg.same_length, cfg.max_length = 4, 8, 16
         cfg.num_long_prompts, cfg.long_prompt_words, cfg.stream_tokens = 1, 200, 16
+        cfg.num_streams = 2
         cfg.fastgen_requests, cfg.fastgen_tokens = 2, 8
         cfg.curve_rates, cfg.curve_requests, cfg.single_stream_tokens = (1.0,), 2, 8
         cfg.single_stream_rounds, cfg.batching_rounds = 2, 1

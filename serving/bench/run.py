@@ -232,12 +232,13 @@ def splitfuse_comparison(model, tokenizer, cfg: BenchConfig) -> dict[str, Any]:
         if cfg.splitfuse_workload == "fastgen"
         else cfg.long_prompt_rate,
     }
+    budget = cfg.splitfuse_budget  # None: the chunked engine picks it, the other one shares it
     for chunked in (True, False):
         engine = Engine(
             copy.deepcopy(model),
             tokenizer,
             EngineConfig(
-                max_num_batched_tokens=cfg.splitfuse_budget,
+                max_num_batched_tokens=budget,
                 chunked_prefill=chunked,
                 max_cache_tokens=cfg.splitfuse_cache_tokens,
             ),
@@ -251,7 +252,9 @@ def splitfuse_comparison(model, tokenizer, cfg: BenchConfig) -> dict[str, Any]:
         finally:
             loop.shutdown()
         summary = _summarise_timed(timed, cfg, seconds)
-        summary["budget"] = engine.budget
+        # Both engines run at one budget: it also caps the sequences running at once, and two
+        # start-up probes on this shared machine can pick different ones (32 and 64 did).
+        budget = summary["budget"] = engine.budget
         summary["num_streams"] = len(streams)
         if streams:
             prompts, background = timed[: len(arrivals)], timed[len(arrivals) :]

@@ -176,30 +176,29 @@ def run_open_loop(
 
     `streams` are background conversations that keep decoding while `arrivals` come in: each
     starts at its second and reads tokens until every request of `arrivals` has its whole
-    reply, then its client stops reading (which aborts it, as a disconnect does), or until it
-    has its most tokens, whichever comes first. The results are the arrivals' in order, then
-    the streams'."""
+    reply, then it is aborted (as a client's disconnect does), or until it has its most tokens,
+    whichever comes first. The results are the arrivals' in order, then the streams'."""
     everything = [*arrivals, *streams]
     results = [TimedRequest(arrival=a) for a, _, _ in everything]
     started = time.perf_counter()
     inputs = [loop.engine.process(c) for _, c, _ in everything]
-    replied = threading.Event()  # every arrival has its whole reply
+    request_ids: dict[int, str] = {}
+    submitted = [threading.Event() for _ in everything]
 
     def consume(i: int) -> None:
         params = SamplingParams(max_tokens=everything[i][2], ignore_eos=True)
         results[i].num_prompt_tokens = inputs[i].num_tokens
-        outputs = loop.stream_outputs(inputs[i], params)
-        try:
-            for out in outputs:
-                now = time.perf_counter() - started
-                results[i].token_times += [now] * len(out.new_token_ids)
-                if out.finished:
-                    results[i].finish_reason = out.finish_reason
-                elif i >= len(arrivals) and replied.is_set():
-                    results[i].finish_reason = "abort"
-                    break
-        finally:
-            outputs.close()  # a stream stopped early aborts its request here
+        request_ids[i], sink = loop.submit(inputs[i], params)
+        submitted[i].set()
+        while True:
+            out = sink.get()
+            if isinstance(out, BaseException):
+                raise out
+            now = time.perf_counter() - started
+            results[i].token_times += [now] * len(out.new_token_ids)
+            if out.finished:
+                results[i].finish_reason = out.finish_reason
+                return
 
     order = sorted(range(len(everything)), key=lambda i: everything[i][0])
     threads: list[threading.Thread] = []
@@ -214,8 +213,11 @@ def run_open_loop(
     by_index = dict(zip(order, threads, strict=True))
     for i in range(len(arrivals)):
         by_index[i].join()
-    replied.set()
+    # Every arrival has its reply: the streams stop. An abort reaches a stream that is waiting
+    # (for admission, or preempted) as well as one decoding; one already finished ignores it.
     for i in range(len(arrivals), len(everything)):
+        submitted[i].wait()
+        loop.abort(request_ids[i])
         by_index[i].join()
     return results
 

@@ -21,7 +21,7 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV-cache block
     num_blocks: int | None = None  # cache size; None: max_cache_tokens / block_size
     max_cache_tokens: int = 16384  # default cache capacity in tokens (all sequences together)
-    max_num_seqs: int = 64  # running sequences at most (decode batch size)
+    max_num_seqs: int = 64  # running sequences at most (decode batch size; the budget caps it too)
     image_cache_entries: int = 256  # distinct images whose features are kept
     # CPU only: the backbone's float32 linear layers run the engine's kernels
     # (serving/engine/linear_kernels.py): "auto" times them at start-up and takes the faster

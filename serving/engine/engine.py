@@ -77,8 +77,10 @@ class Engine:
         self.scheduler = Scheduler(self.config, self.blocks, budget)
         self.num_steps = 0
         logger.info(
-            "engine ready: budget %d tokens/pass, cache %d blocks x %d (%.0f MB)",
+            "engine ready: budget %d tokens/pass, at most %d sequences at once, cache %d blocks"
+            " x %d (%.0f MB)",
             budget,
+            self.scheduler.max_running,
             self.blocks.num_blocks,
             self.blocks.block_size,
             self.runner.store.num_bytes / 2**20,

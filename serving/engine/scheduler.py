@@ -9,6 +9,12 @@ every pass has enough tokens to keep the hardware busy. With `chunked_prefill=Fa
 scheduler behaves like a prefill-first engine (whole prompts, decodes paused while a prompt
 runs) — the baseline that SplitFuse is compared against.
 
+At most as many sequences run as the budget has tokens (and at most `max_num_seqs`), so every
+running sequence's decode fits in every pass: with more, the decodes past the budget would wait
+behind the earlier ones for as long as those run (a long reply starved behind 32 streams at a
+budget of 32 did, in a benchmark), which vLLM rules out the same way (max_num_seqs <= its
+token budget). A request beyond that waits for admission, in arrival order.
+
 A prompt is admitted only when the cache can hold all of it, so an admitted prompt never waits
 for blocks mid-prefill. When a decode needs a new block and none is free, the newest running
 request is preempted (its blocks freed; it is recomputed from scratch when readmitted, first in
@@ -60,6 +66,7 @@ class Scheduler:
         self.config = config
         self.blocks = blocks
         self.budget = budget
+        self.max_running = min(config.max_num_seqs, budget)  # see the design note
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order
 
@@ -102,7 +109,7 @@ class Scheduler:
                 take = min(request.num_pending_tokens, budget)
                 out.chunks.append(ScheduledChunk(request, request.num_computed_tokens, take))
                 budget -= take
-        while budget > 0 and self.waiting and len(self.running) < self.config.max_num_seqs:
+        while budget > 0 and self.waiting and len(self.running) < self.max_running:
             request = self.waiting[0]
             if not self._admit(request):
                 break  # keep arrival order: nothing overtakes the head of the queue
@@ -123,7 +130,7 @@ class Scheduler:
 
     def _admit_whole_prompts(self, out: SchedulerOutput) -> bool:
         budget = self.budget
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and len(self.running) < self.max_running:
             request = self.waiting[0]
             # At least one prompt per pass even if it alone exceeds the budget.
             if out.chunks and request.num_tokens > budget:

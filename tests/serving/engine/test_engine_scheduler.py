@@ -69,6 +69,28 @@ def test_one_decode_token_per_sequence_even_when_prompts_wait() -> None:
     assert [r.request_id for r in scheduler.waiting] == ["late"]
 
 
+@pytest.mark.parametrize("chunked_prefill", [True, False])
+def test_no_more_sequences_run_than_the_budget_has_tokens(chunked_prefill: bool) -> None:
+    """Else the decodes past the budget would wait behind the others for as long as those run
+    (whole prompts first admits one prompt a pass whatever the budget, so it would). Without
+    chunking, a pass that runs whole prompts pauses every decode, by design; every other pass
+    takes them all."""
+    scheduler = make_scheduler(budget=2, chunked_prefill=chunked_prefill)
+    for name in "ABCD":
+        scheduler.add(fake_request(name, 4, max_tokens=5))
+    passes = 0
+    while scheduler.has_work:
+        decoding = {r.request_id for r in scheduler.running if r.num_pending_tokens == 1}
+        out = scheduler.schedule()
+        assert len(scheduler.running) <= 2
+        plan = plan_of(out)
+        if chunked_prefill or all(num == 1 for _, _, num in plan):
+            assert decoding <= {request_id for request_id, _, _ in plan}  # none left out
+        complete(scheduler, out)
+        passes += 1
+    assert scheduler.max_running == 2 and passes >= 10  # all four ran, two at a time
+
+
 def test_a_prompt_is_admitted_only_when_the_cache_holds_all_of_it_and_keeps_its_place() -> None:
     scheduler = make_scheduler(budget=64, num_blocks=5, block_size=4)  # 20 positions
     a, b, c = fake_request("A", 12), fake_request("B", 9), fake_request("C", 2)

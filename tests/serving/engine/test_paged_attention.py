@@ -28,6 +28,9 @@ def random_store(kv_heads: int, head_dim: int, seed: int = 0) -> PagedKVStore:
     return store
 
 
+QUERY_ROWS = [4, 0, 5, 2]  # of a 6-row pass: not in order, and rows 1 and 3 are someone else's
+
+
 def decode_sequences(store: PagedKVStore) -> tuple[list, list, list]:
     """Four sequences of one new token each, in scattered slots, of 1 to 40 positions: text
     only; text with an image span (a text query after it); a query inside its image span; and
@@ -44,7 +47,7 @@ def decode_sequences(store: PagedKVStore) -> tuple[list, list, list]:
         slots = free[start : start + len(tags)]
         start += len(tags)
         store.tags[slots] = torch.tensor(tags)
-        rows.append(torch.tensor([i]))
+        rows.append(torch.tensor([QUERY_ROWS[i]]))
         positions.append(torch.tensor([len(tags) - 1]))
         key_slots.append(slots)
     return rows, positions, key_slots
@@ -60,21 +63,23 @@ def test_native_decode_groups_attend_as_the_gather_path_does(
     generator = torch.Generator().manual_seed(2)
     # q, k and v side by side in one row, as the lean forward's views of its qkv product are:
     # the queries' rows are strided, not contiguous.
-    qkv = torch.randn(4, (heads + 2 * kv_heads) * head_dim, generator=generator)
-    query = qkv[:, : heads * head_dim].view(4, heads, head_dim)
-    key = store.keys[0][torch.stack([s[-1] for s in key_slots])].clone()  # already in the cache
-    value = store.values[0][torch.stack([s[-1] for s in key_slots])].clone()
-    new_slots = torch.stack([s[-1] for s in key_slots])
+    qkv = torch.randn(6, (heads + 2 * kv_heads) * head_dim, generator=generator)
+    query = qkv[:, : heads * head_dim].view(6, heads, head_dim)
+    # Every row's key and value are already in their slots; rows 1 and 3 write to spare ones.
+    new_slots = torch.zeros(6, dtype=torch.long)
+    new_slots[QUERY_ROWS] = torch.stack([s[-1] for s in key_slots])
+    new_slots[[1, 3]] = torch.tensor([SLOTS - 1, SLOTS - 2])
+    key, value = store.keys[0][new_slots].clone(), store.values[0][new_slots].clone()
     out = {}
     for native in (True, False):
         group = build_group(store, rows, positions, key_slots, mmca, heads // kv_heads, native)
         assert (group.native_parts is not None) == native
         batch = PagedBatch(store=store, new_slots=new_slots, groups=[group], mmca=mmca)
         out[native] = paged.paged_attention(batch, 0, query, key, value, head_dim**-0.5)
-    assert out[True].shape == (4, heads, head_dim)
+    assert out[True].shape == (6, heads, head_dim)
     torch.testing.assert_close(out[True], out[False], rtol=1e-5, atol=1e-5)
     # The rows differ from each other: the test would see rows mixed up.
-    assert not torch.allclose(out[True][0], out[True][1])
+    assert not torch.allclose(out[True][4], out[True][0])
 
 
 def test_the_parts_follow_mmca() -> None:
