@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--arrival-rate",
         type=float,
         default=None,
-        help="SplitFuse: long prompts per second (Poisson; default 0.35 mixed, 0.2 fastgen)",
+        help="SplitFuse: long prompts per second (Poisson; default 0.3 mixed, 0.2 fastgen)",
     )
     serving.add_argument(
         "--num-long-prompts",

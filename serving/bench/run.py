@@ -49,7 +49,7 @@ class BenchConfig:
     batching_rounds: int = 3
     long_prompt_words: int = 1000  # SplitFuse: ~1,050 prompt tokens each
     num_long_prompts: int = 12
-    long_prompt_rate: float = 0.35  # arrivals per second (Poisson)
+    long_prompt_rate: float = 0.3  # arrivals per second (Poisson)
     long_prompt_tokens: int = 16  # each long prompt's reply
     # "mixed": this many image chats decode from the start until every long prompt has its
     # reply (then their clients stop reading), at most stream_tokens tokens each. A server
