@@ -20,6 +20,7 @@ import torch
 
 from serving.bench import workloads as wl
 from serving.engine import Engine, EngineConfig, EngineLoop
+from serving.engine.engine import BUDGET_CANDIDATES
 from serving.engine.linear_kernels import EngineLinears
 from visualchat.api import VisualChat
 from visualchat.atomic import atomic_save_figure, atomic_write_json
@@ -52,7 +53,7 @@ class BenchConfig:
     long_prompt_rate: float = 0.3  # arrivals per second (Poisson)
     long_prompt_tokens: int = 16  # each long prompt's reply
     # "mixed": this many image chats decode from the start until every long prompt has its
-    # reply (then their clients stop reading), at most stream_tokens tokens each. A server
+    # reply (then they are aborted), at most stream_tokens tokens each. A server
     # this busy has decode steps long enough (0.15-0.2 s at 32 rows on the 2-core CPU) that
     # the long prompts' stalls are a visible share of the gaps; see README, "SplitFuse".
     num_streams: int = 32
@@ -232,9 +233,16 @@ def splitfuse_comparison(model, tokenizer, cfg: BenchConfig) -> dict[str, Any]:
         if cfg.splitfuse_workload == "fastgen"
         else cfg.long_prompt_rate,
     }
+    arrivals, streams = _splitfuse_workload(cfg)
     budget = cfg.splitfuse_budget  # None: the chunked engine picks it, the other one shares it
-    for chunked in (True, False):
-        engine = Engine(
+    if budget is not None and budget <= len(streams):
+        raise ValueError(
+            f"a budget of {budget} runs at most {budget} sequences at once: {len(streams)} "
+            "streams would leave the long prompts none; give a larger budget or fewer streams"
+        )
+
+    def make_engine(chunked: bool, budget: int | None) -> Engine:
+        return Engine(
             copy.deepcopy(model),
             tokenizer,
             EngineConfig(
@@ -243,8 +251,18 @@ def splitfuse_comparison(model, tokenizer, cfg: BenchConfig) -> dict[str, Any]:
                 max_cache_tokens=cfg.splitfuse_cache_tokens,
             ),
         )
+
+    for chunked in (True, False):
+        engine = make_engine(chunked, budget)
+        if engine.budget <= len(streams):  # the engine's own pick: the next one that leaves room
+            picked = results["budget_picked"] = engine.budget
+            engine.close()
+            raised = min(b for b in BUDGET_CANDIDATES if b > len(streams))
+            logger.warning(
+                "budget %d leaves no room beside %d streams; %d", picked, len(streams), raised
+            )
+            engine = make_engine(chunked, raised)
         loop = EngineLoop(engine)
-        arrivals, streams = _splitfuse_workload(cfg)
         try:
             started = time.perf_counter()
             timed = wl.run_open_loop(loop, arrivals, streams)

@@ -213,6 +213,23 @@ def test_streams_stop_once_every_arrival_is_answered() -> None:
     assert not engine.requests and engine.blocks.num_used_blocks == 0  # the abort freed it
 
 
+def test_a_budget_that_leaves_the_long_prompts_no_room_is_refused_or_raised(
+    tiny_config: BenchConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A budget caps the sequences running at once; at or under the number of streams the long
+    prompts could not start until the streams end. Given, it is refused; picked by the engine,
+    the bench takes the next candidate above the streams, for both engines, and says so."""
+    cfg = dataclasses.replace(tiny_config, splitfuse_budget=2)  # and 2 streams
+    with pytest.raises(ValueError, match="would leave the long prompts none"):
+        run_serving_bench(cfg, parts=("splitfuse",))
+    monkeypatch.setattr(Engine, "_pick_budget", lambda self: 2)
+    cfg = dataclasses.replace(tiny_config, splitfuse_budget=None)
+    splitfuse = run_serving_bench(cfg, parts=("splitfuse",))["splitfuse"]
+    assert splitfuse["budget_picked"] == 2
+    assert splitfuse["chunked"]["budget"] == splitfuse["unchunked"]["budget"] == 32
+    assert splitfuse["chunked"]["num_requests"] == 3
+
+
 def test_the_summary_counts_stalled_gaps() -> None:
     # Gaps 0.1, 0.1, 2.0 and 0.25, 1.0 (exact in binary): two of five reach the 1 s mark.
     requests = [
