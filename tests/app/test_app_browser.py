@@ -121,14 +121,25 @@ def hover_last_reply(page) -> None:
     run, for longer than one hover waits): hover again until the reply itself gets it."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
+    errors: list[str] = []
+
     def hovered() -> bool:
         try:
             page.locator("[data-testid='bot']").last.hover(timeout=2000)
-        except PlaywrightTimeoutError:
+        except PlaywrightTimeoutError as err:
+            errors.append(str(err))
             return False
         return True
 
-    wait_until(hovered, timeout=90.0)
+    try:
+        wait_until(hovered, timeout=90.0)
+    except AssertionError:
+        page.screenshot(path=str(ARTIFACTS / "hover-failed.png"))
+        last = page.locator("[data-testid='bot']").last
+        raise AssertionError(
+            f"the last reply never took the pointer (box {last.bounding_box()}, "
+            f"text {last.inner_text()!r}): {errors[-1:]}"
+        ) from None
 
 
 def test_chat_in_the_browser(served: tuple[str, EngineLoop], tmp_path: Path) -> None:
