@@ -115,31 +115,17 @@ def set_max_tokens(page, value: int) -> None:
     raise AssertionError(f"the max-tokens slider did not keep {value}")
 
 
-def hover_last_reply(page) -> None:
-    """Hover the last reply to show its buttons. Right after Stop, Gradio's status overlay can
-    still cover the chat for a moment and take the pointer (seen once, in a cold clean-clone
-    run, for longer than one hover waits): hover again until the reply itself gets it."""
-    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
-
-    errors: list[str] = []
-
-    def hovered() -> bool:
-        try:
-            page.locator("[data-testid='bot']").last.hover(timeout=2000)
-        except PlaywrightTimeoutError as err:
-            errors.append(str(err))
-            return False
-        return True
-
-    try:
-        wait_until(hovered, timeout=90.0)
-    except AssertionError:
-        page.screenshot(path=str(ARTIFACTS / "hover-failed.png"))
-        last = page.locator("[data-testid='bot']").last
-        raise AssertionError(
-            f"the last reply never took the pointer (box {last.bounding_box()}, "
-            f"text {last.inner_text()!r}): {errors[-1:]}"
-        ) from None
+def press_reply_button(page, name: str) -> None:
+    """Press one of the last reply's buttons (Retry, Undo). Gradio 6 shows them under the last
+    reply without hovering. When the chat is not scrolled to the bottom, Gradio floats a "Scroll
+    down" button over the chat's lower edge, where the last reply's buttons are: press it first,
+    as a person would. (A CI run once spent 90 s failing to hover a stopped reply; Playwright's
+    own error, which the click below reports, says what takes the pointer if it happens again.)"""
+    scroll_down = page.get_by_role("button", name="Scroll down")
+    if scroll_down.is_visible():
+        scroll_down.click()
+        scroll_down.wait_for(state="hidden")
+    page.get_by_role("button", name=name).last.click()
 
 
 def test_chat_in_the_browser(served: tuple[str, EngineLoop], tmp_path: Path) -> None:
@@ -189,14 +175,13 @@ def test_chat_in_the_browser(served: tuple[str, EngineLoop], tmp_path: Path) -> 
 
             # Retry the stopped reply, short this time: the same question, a new complete reply
             set_max_tokens(page, SHORT)
-            hover_last_reply(page)
-            page.get_by_role("button", name="Retry").last.click()
+            press_reply_button(page, "Retry")
             retried = watch_reply(page, 3)
             assert retried[-1] and len(bot_texts(page)) == 3
             page.screenshot(path=str(ARTIFACTS / "05-retried.png"))
 
             # Undo: the exchange goes, its question comes back into the box
-            page.get_by_role("button", name="Undo").last.click()
+            press_reply_button(page, "Undo")
             wait_until(lambda: len(bot_texts(page)) == 2)
             box = page.locator("textarea").first
             wait_until(lambda: box.input_value() == "Describe both images at length.")
