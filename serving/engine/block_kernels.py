@@ -138,7 +138,7 @@ def library() -> ctypes.CDLL | None:
         ctypes.c_int64,  # m
         ctypes.c_void_p,  # layers: (num_layers, vc_decode_layer_entries()) int64
         ctypes.c_int64,  # num_layers
-        ctypes.c_void_p,  # shape: hidden, heads, kv heads, head dim, intermediate, mmca (int64)
+        ctypes.c_void_p,  # shape: hidden, heads, kv heads, head dim, intermediate (int64)
         ctypes.c_void_p,  # eps, scaling (float32)
         ctypes.c_void_p,  # cos: (m, head_dim) float32
         ctypes.c_void_p,  # sin: (m, head_dim) float32
@@ -146,7 +146,7 @@ def library() -> ctypes.CDLL | None:
         ctypes.c_void_p,  # positions: (m,) int64
         ctypes.c_void_p,  # key_slots: (m, key_stride) int64
         ctypes.c_int64,  # key_stride
-        ctypes.c_void_p,  # tags: (slots,) int64
+        ctypes.c_void_p,  # parts: (m, key_stride) uint8, see vc_decode_attention
     ]
     lib.vc_decode_pass.restype = None
     lib.vc_decode_attention.argtypes = [

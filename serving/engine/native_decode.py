@@ -28,7 +28,7 @@ import torch
 
 from serving.engine import block_kernels
 from serving.engine.lean_forward import LeanForward, Projection
-from serving.engine.paged_attention import PagedKVStore
+from serving.engine.paged_attention import PagedKVStore, key_parts
 
 FORMAT_CODES = {"q4_1": 0, "q8_0": 1}  # as decode_pass.cpp numbers them
 
@@ -87,6 +87,7 @@ class NativeDecode:
             raise ValueError(f"the native decode pass cannot run this backbone: {reason}")
         self.lean = lean
         self.store = store
+        self.mmca = mmca
         self.library = block_kernels.library()
         first = lean.layers[0]
         self.choice = first.qkv.layers[0].engine_linears.choice
@@ -116,7 +117,6 @@ class NativeDecode:
                 first.num_kv_heads,
                 first.head_dim,
                 intermediate,
-                int(mmca),
             ],
             dtype=torch.int64,
         )
@@ -146,6 +146,8 @@ class NativeDecode:
         key_slots = key_slots.contiguous()
         if bool((key_slots.gather(1, positions[:, None]).squeeze(1) != new_slots).any()):
             raise ValueError("each row's last key slot must be its new slot")
+        # Which softmax each key enters, the same in every layer: MMCA's rule, once per pass.
+        parts = key_parts(self.store.tags[key_slots], positions, self.mmca)  # (m, k) uint8
         self.library.vc_decode_pass(
             hidden.data_ptr(),
             m,
@@ -159,6 +161,6 @@ class NativeDecode:
             positions.data_ptr(),
             key_slots.data_ptr(),
             key_slots.shape[1],
-            self.store.tags.data_ptr(),
+            parts.data_ptr(),
         )
         return hidden

@@ -26,7 +26,7 @@ from transformers import AttentionInterface
 
 from serving.engine import block_kernels
 from serving.engine.decode_mirror import DecodeMirror
-from visualchat.model.attention import TEXT, empty_rows, mmca_attention, mmca_masks
+from visualchat.model.attention import PADDING, TEXT, empty_rows, mmca_attention, mmca_masks
 
 PAGED_ATTENTION = "visualchat_paged"
 
@@ -117,21 +117,10 @@ def build_group(
         q_pos[i, : len(rows)] = positions
         k_slots[i, : len(slots)] = slots
         k_valid[i, : len(slots)] = True
-    k_tags = store.tags[k_slots].masked_fill(~k_valid, -1)  # (b, k); -1 = never visible
-    q_tags = torch.gather(k_tags, 1, q_pos.clamp(min=0))  # (b, q) tags of the query positions
-    k_pos = torch.arange(max_k, device=device).expand(b, max_k)
-    if mmca:
-        text_part, image_part = mmca_masks(q_tags, k_tags, q_pos, k_pos)
-    else:
-        text_part = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]
-        image_part = None  # one softmax over everything earlier: a single fused call
-    valid = q_valid[:, :, None]
+    k_tags = store.tags[k_slots].masked_fill(~k_valid, PADDING)  # (b, k)
     out_rows = q_index[q_valid]
     if native and max_q == 1:
         # The parts as codes per key; SDPA's folded additive masks are not needed.
-        parts = text_part[:, 0].to(torch.uint8)  # (b, k)
-        if image_part is not None:
-            parts += 2 * image_part[:, 0].to(torch.uint8)  # disjoint from the text part
         return AttentionGroup(
             query_index=q_index.view(-1),
             query_prefix=torch.equal(q_index.view(-1), torch.arange(b, device=device)),
@@ -144,9 +133,17 @@ def build_group(
             out_rows=out_rows,
             out_index=None,
             rows_in_order=torch.equal(out_rows, torch.arange(b, device=device)),
-            native_parts=parts.contiguous(),
+            native_parts=key_parts(k_tags, q_pos[:, 0], mmca),
             native_counts=k_valid.sum(1),
         )
+    q_tags = torch.gather(k_tags, 1, q_pos.clamp(min=0))  # (b, q) tags of the query positions
+    k_pos = torch.arange(max_k, device=device).expand(b, max_k)
+    if mmca:
+        text_part, image_part = mmca_masks(q_tags, k_tags, q_pos, k_pos)
+    else:
+        text_part = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]
+        image_part = None  # one softmax over everything earlier: a single fused call
+    valid = q_valid[:, :, None]
 
     def folded(part: torch.Tensor) -> torch.Tensor:  # (b, q, k) -> (b, 1, shared * q, k)
         return (part & valid)[:, None].repeat(1, 1, shared, 1)
@@ -265,6 +262,31 @@ def native_attention_available(store: PagedKVStore) -> bool:
     a CPU float32 cache, and the native library built (block_kernels logs why not)."""
     keys = store.keys[0]
     return keys.device.type == "cpu" and keys.dtype == torch.float32 and block_kernels.available()
+
+
+NO_PART, TEXT_PART, IMAGE_PART = 0, 1, 2  # native attention's codes (decode_pass.cpp)
+
+
+def key_parts(
+    key_tags: torch.Tensor,  # (b, k) modality tag of each key position (PADDING: no key)
+    positions: torch.Tensor,  # (b,) each row's one query position p (its tag is key_tags[:, p])
+    mmca: bool,
+) -> torch.Tensor:
+    """Which softmax each key of a one-query row enters, as native attention's codes: (b, k)
+    uint8, NO_PART / TEXT_PART / IMAGE_PART. Keys after p enter none, whatever their tags. MMCA's
+    rule is `mmca_masks`'; without MMCA every key up to p is text (one softmax). Both native
+    paths take their parts from here: the decode pass (native_decode.py) and the decode groups
+    of the lean forward (`build_group`)."""
+    b, k = key_tags.shape
+    key_pos = torch.arange(k, device=key_tags.device)  # (k,)
+    query_pos = positions[:, None]  # (b, 1)
+    if not mmca:
+        visible = (key_pos[None, :] <= query_pos) & (key_tags != PADDING)  # (b, k)
+        return visible.to(torch.uint8)
+    query_tags = key_tags.gather(1, query_pos)  # (b, 1)
+    text_part, image_part = mmca_masks(query_tags, key_tags, query_pos, key_pos)  # (b, 1, k)
+    # The parts are disjoint: a key is text or image, never both.
+    return (text_part[:, 0] * TEXT_PART + image_part[:, 0] * IMAGE_PART).to(torch.uint8)
 
 
 def native_decode_attention(

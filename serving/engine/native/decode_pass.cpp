@@ -12,13 +12,14 @@
 // What it reads, per layer, is a row of a table the Python side builds once (layout below):
 // pointers to the norm weights, to the layer's key and value stores, and to each product's
 // blocks and low-rank factors. Per pass: the rows' hidden states (updated in place), their
-// rotary cos/sin, each row's new cache slot and the slots of its positions 0..p, and the slots'
-// modality tags.
+// rotary cos/sin, each row's new cache slot and the slots of its positions 0..p, and which
+// softmax each of those keys enters.
 //
 // MMCA (visualchat/model/attention.py): a text query attends with one softmax over the earlier
 // text keys plus one over the earlier image keys, the two outputs added (an empty part adds
-// nothing); an image query attends to the keys of its own image only; with mmca = 0 one softmax
-// covers every earlier key.
+// nothing); an image query attends to the keys of its own image only. Which key enters which
+// part is worked out in Python (paged_attention.key_parts, from MMCA's masks), so the rule is
+// written once; here a key's part is a code (NONE, TEXT_PART, IMAGE_PART).
 
 #include <cmath>
 #include <cstdint>
@@ -45,7 +46,6 @@ constexpr int64_t LAYER = LAYER_HEAD + 4 * PRODUCT;
 struct Shape {
     int64_t hidden, heads, kv_heads, head_dim, intermediate;
     float eps, scaling;
-    int64_t mmca;
 };
 
 template <class T>
@@ -106,7 +106,8 @@ inline float dot(const float* a, const float* b, int64_t d) {
 }
 
 // Which softmax a key enters for a query: NONE, or one of the two MMCA parts (causal attention
-// and image queries use TEXT_PART alone).
+// uses TEXT_PART alone; an image query's keys are all IMAGE_PART). paged_attention.py has the
+// same codes.
 enum Part : uint8_t { NONE = 0, TEXT_PART = 1, IMAGE_PART = 2 };
 
 inline f32x16 load16(const float* p) {
@@ -236,26 +237,6 @@ void attend(const float* q, int64_t count, const float* keys, const float* value
     }
 }
 
-// Which part each of a row's keys 0..p enters, per row: the same in every layer of the pass.
-std::vector<std::vector<uint8_t>> key_parts(const Shape& s, int64_t m, const int64_t* key_slots,
-                                            int64_t key_stride, const int64_t* positions,
-                                            const int64_t* tags, const int64_t* new_slots) {
-    std::vector<std::vector<uint8_t>> parts(m);
-    for (int64_t r = 0; r < m; ++r) {
-        const int64_t count = positions[r] + 1;  // keys 0..p, the row's own included
-        const int64_t* slots = key_slots + r * key_stride;
-        const int64_t query_tag = tags[new_slots[r]];
-        parts[r].resize(count);
-        for (int64_t t = 0; t < count; ++t) {
-            const int64_t tag = tags[slots[t]];
-            parts[r][t] = !s.mmca ? TEXT_PART
-                          : query_tag == 0 ? (tag == 0 ? TEXT_PART : tag > 0 ? IMAGE_PART : NONE)
-                          : (tag == query_tag ? TEXT_PART : NONE);
-        }
-    }
-    return parts;
-}
-
 // Attention of m rows of one query each: row r's query heads at q + (rows ? rows[r] : r) *
 // q_stride, its keys and values at key_slots[r][0..counts[r]) of the layer's stores, each key
 // entering the softmax parts[r][t] names (NONE, TEXT_PART or IMAGE_PART). out: (m, heads, d).
@@ -294,24 +275,23 @@ extern "C" {
 // hidden (m, hidden) float32: the rows' embeddings in, their last layer's output out (before
 // the final norm). layers: (num_layers, LAYER) int64, see above. cos, sin: (m, head_dim) for
 // each row's position. new_slots (m,), positions (m,), key_slots (m, key_stride): row r's keys
-// are at key_slots[r][0..positions[r]], its own new slot last. tags: the modality tag of every
-// cache slot (0 text, k > 0 image k).
+// are at key_slots[r][0..positions[r]], its own new slot last. parts (m, key_stride) uint8:
+// the softmax each of those keys enters (0 none, 1 text, 2 image).
 void vc_decode_pass(float* hidden, int64_t m, const int64_t* layers, int64_t num_layers,
                     const int64_t* shape_ints, const float* shape_floats, const float* cos,
                     const float* sin, const int64_t* new_slots, const int64_t* positions,
-                    const int64_t* key_slots, int64_t key_stride, const int64_t* tags) {
+                    const int64_t* key_slots, int64_t key_stride, const uint8_t* parts) {
     const Shape s{shape_ints[0], shape_ints[1], shape_ints[2], shape_ints[3], shape_ints[4],
-                  shape_floats[0], shape_floats[1], shape_ints[5]};
+                  shape_floats[0], shape_floats[1]};
     const int64_t h = s.hidden, d = s.head_dim;
     const int64_t qkv_width = (s.heads + 2 * s.kv_heads) * d, kv_stride = s.kv_heads * d;
     std::vector<float> x(m * h), qkv(m * qkv_width), attended(m * s.heads * d), residual(m * h);
     std::vector<float> gate_up(m * 2 * s.intermediate), act(m * s.intermediate);
-    const auto parts = key_parts(s, m, key_slots, key_stride, positions, tags, new_slots);
     std::vector<int64_t> counts(m);
     std::vector<const uint8_t*> part_rows(m);
     for (int64_t r = 0; r < m; ++r) {
         counts[r] = positions[r] + 1;  // keys 0..p, the row's own included
-        part_rows[r] = parts[r].data();
+        part_rows[r] = parts + r * key_stride;
     }
     const Queries queries{qkv.data(), nullptr, qkv_width, m, key_slots,
                           key_stride,  counts.data(), part_rows.data()};

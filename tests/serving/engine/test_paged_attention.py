@@ -12,6 +12,7 @@ from engine_testing import GREEDY, WORKLOAD, make_engine, record_logits, run_eng
 from serving.engine import block_kernels
 from serving.engine import paged_attention as paged
 from serving.engine.paged_attention import PagedBatch, PagedKVStore, build_group
+from visualchat.model.attention import PADDING
 
 pytestmark = pytest.mark.skipif(
     not block_kernels.available(), reason="native attention needs a C++ compiler (g++)"
@@ -93,6 +94,31 @@ def test_the_parts_follow_mmca() -> None:
     assert parts[3, :1].tolist() == [1] and not parts[3, 1:].any()  # padding enters nothing
     causal = build_group(store, rows, positions, key_slots, False, 2, native=True)
     assert causal.native_parts[1, :40].tolist() == [1] * 40
+
+
+def expected_part(tags: list[int], p: int, t: int, mmca: bool) -> int:
+    """MMCA's rule for key t of a query at p, written out per key: 0 none, 1 text, 2 image."""
+    if t > p or tags[t] == PADDING:
+        return 0
+    if not mmca:
+        return 1
+    query, key = tags[p], tags[t]
+    if query == 0:  # a text query: text keys in one softmax, image keys in the other
+        return 1 if key == 0 else 2
+    return 2 if key == query else 0  # an image query: its own image only
+
+
+@pytest.mark.parametrize("mmca", [True, False])
+def test_key_parts_follow_the_rule_key_by_key(mmca: bool) -> None:
+    generator = torch.Generator().manual_seed(3)
+    tags = torch.randint(-1, 4, (6, 30), generator=generator)  # padding, text, images 1-3
+    positions = torch.tensor([0, 7, 29, 12, 3, 20])
+    tags[torch.arange(6), positions] = torch.tensor([0, 2, 0, 1, 0, 3])  # text and image queries
+    parts = paged.key_parts(tags, positions, mmca)
+    assert parts.dtype == torch.uint8
+    for r, p in enumerate(positions.tolist()):
+        row = tags[r].tolist()
+        assert parts[r].tolist() == [expected_part(row, p, t, mmca) for t in range(30)], r
 
 
 def test_groups_of_longer_chunks_keep_the_gather_path() -> None:
