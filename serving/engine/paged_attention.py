@@ -277,7 +277,7 @@ def key_parts(
     rule is `mmca_masks`'; without MMCA every key up to p is text (one softmax). Both native
     paths take their parts from here: the decode pass (native_decode.py) and the decode groups
     of the lean forward (`build_group`)."""
-    b, k = key_tags.shape
+    k = key_tags.shape[1]
     key_pos = torch.arange(k, device=key_tags.device)  # (k,)
     query_pos = positions[:, None]  # (b, 1)
     if not mmca:
