@@ -1,8 +1,7 @@
 """Which token budget serves the batching workload fastest, and where does the time go?
 
-The engine picks its budget from a latency target (a 250 ms pass when this was written, 400 ms
-since, so that decoding streams are not held up by prompt chunks); on the 2-core CPU that was 64
-tokens, and is 128 now. The batching benchmark
+The engine picks its budget from a latency target (a 250 ms pass, so that decoding streams are
+not held up by prompt chunks); on the 2-core CPU that is 64 tokens. The batching benchmark
 (16 image chats arriving at once) is about throughput instead: small passes spend more on
 prompts (a fused pass of 64 rows multiplies at a lower rate than one of 256 and reads every
 weight again). This runs the batching workload of `visualchat bench serving` through the

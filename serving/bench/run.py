@@ -40,7 +40,7 @@ class BenchConfig:
     same_length: int = 64  # batching: output tokens when all lengths are equal
     min_length: int = 8  # batching: varied output lengths in [min_length, max_length]
     max_length: int = 256
-    # The batching part measures throughput, which the engine's own budget (picked for a 400 ms
+    # The batching part measures throughput, which the engine's own budget (picked for a 250 ms
     # step, to keep inter-token latency low) does not aim at: the same engine also runs it with
     # this budget (None: not run). 256 was the best of 64/128/256/512/1024 for 16 image chats here
     # (README, "Serving engine").

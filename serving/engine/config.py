@@ -11,12 +11,11 @@ from serving.engine.linear_kernels import KERNELS
 class EngineConfig:
     max_num_batched_tokens: int | None = None  # token budget per forward; None: from latency
     # Latency target used to pick the budget at start-up: the largest candidate whose timed pass
-    # fits. 400 ms keeps streams above 2.5 tokens/s while prompts are fused into every pass
-    # (FastGen's SLA asks 2). On the 2-core CPU it picks 128 where 250 ms picked 64, and on the
-    # bench's mixed workload (32 streams, ~1,020-token prompts at 0.3/s) 128 cut the prompts'
-    # TTFT from ~44 s to 12-14 s and more than doubled the effective throughput, p95 ITL still
-    # 0.19-0.35 of unchunked (README, "Serving engine": the budget's trade-off).
-    target_step_ms: float = 400.0
+    # fits. 250 ms picks 64 on the 2-core CPU, which kept SplitFuse's p95 inter-token latency
+    # under half of unchunked on the bench's mixed workload in 4 runs of 4; 400 ms picks 128,
+    # where long prompts got their first token about 3x sooner and every request met the SLA,
+    # but p95 met that goal in 3 runs of 5 (README, "Serving engine": what the budget trades).
+    target_step_ms: float = 250.0
     # The timed pass attends over this many cached tokens before its chunk (capped by the
     # context and the cache), as a chunk deep in a long prompt does; on the 2-core CPU a
     # 128-token chunk took ~0.4 s there and under 0.25 s at a prompt's start.
