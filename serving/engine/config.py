@@ -11,10 +11,10 @@ from serving.engine.linear_kernels import KERNELS
 class EngineConfig:
     max_num_batched_tokens: int | None = None  # token budget per forward; None: from latency
     # Latency target used to pick the budget at start-up: the largest candidate whose timed pass
-    # fits. 250 ms picks 64 on the 2-core CPU, which kept SplitFuse's p95 inter-token latency
-    # under half of unchunked on the bench's mixed workload in 4 runs of 4; 400 ms picks 128,
-    # where long prompts got their first token about 3x sooner and every request met the SLA,
-    # but p95 met that goal in 3 runs of 5 (README, "Serving engine": what the budget trades).
+    # fits. 250 ms picks 64 on the 2-core CPU, the shortest fused passes (inter-token latency is
+    # what the target is for); 400 ms would pick 128, where long prompts beside 32 streams got
+    # their first token about 3x sooner and every request met the bench's SLA, at ~0.04 s more
+    # per fused pass (README, "Serving engine": what the budget trades). `--budget` sets it.
     target_step_ms: float = 250.0
     # The timed pass attends over this many cached tokens before its chunk (capped by the
     # context and the cache), as a chunk deep in a long prompt does; on the 2-core CPU a
