@@ -13,8 +13,8 @@ class EngineConfig:
     # Latency target used to pick the budget at start-up: the largest candidate whose timed pass
     # fits. 250 ms picks 64 on the 2-core CPU, the shortest fused passes (inter-token latency is
     # what the target is for); 400 ms would pick 128, where long prompts beside 32 streams got
-    # their first token about 3x sooner and every request met the bench's SLA, at ~0.04 s more
-    # per fused pass (README, "Serving engine": what the budget trades). `--budget` sets it.
+    # their first token about 3x sooner and every request met the bench's SLA, the median gap
+    # ~0.06 s longer (README, "Serving engine": what the budget trades). `--budget` sets it.
     target_step_ms: float = 250.0
     # The timed pass attends over this many cached tokens before its chunk (capped by the
     # context and the cache), as a chunk deep in a long prompt does; on the 2-core CPU a
