@@ -128,6 +128,27 @@ def press_reply_button(page, name: str) -> None:
     page.get_by_role("button", name=name).last.click()
 
 
+def describe_page(page) -> str:
+    """What a person would see that could explain a failure; saves failed.png beside the rest."""
+    try:
+        page.screenshot(path=str(ARTIFACTS / "failed.png"))
+        seen = {
+            "toasts": page.locator(".toast-body").all_inner_texts(),
+            "status overlays": [
+                text.strip()
+                for text in page.locator("[data-testid='status-tracker']").all_inner_texts()
+                if text.strip()
+            ],
+            "bot replies": [text[:80] for text in bot_texts(page)],
+            "buttons": page.locator("button:visible").evaluate_all(
+                "els => els.map(e => e.getAttribute('aria-label') || e.innerText.trim())"
+            ),
+        }
+    except Exception as err:  # the page itself may be what broke
+        return f"(could not read the page: {err})"
+    return repr(seen)
+
+
 def test_chat_in_the_browser(served: tuple[str, EngineLoop], tmp_path: Path) -> None:
     sync_playwright = require_browser()
     url, loop = served
@@ -186,6 +207,10 @@ def test_chat_in_the_browser(served: tuple[str, EngineLoop], tmp_path: Path) -> 
             box = page.locator("textarea").first
             wait_until(lambda: box.input_value() == "Describe both images at length.")
             page.screenshot(path=str(ARTIFACTS / "06-undone.png"))
+        except Exception as err:
+            # CI shows only the message: say what the page showed (toasts, status overlays,
+            # the chat), since that is what a failed click or wait was up against.
+            raise AssertionError(f"{err}\n\nthe page then: {describe_page(page)}") from err
         finally:
             browser.close()
     wait_until(lambda: is_idle(loop))
