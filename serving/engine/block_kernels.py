@@ -159,8 +159,7 @@ def library() -> ctypes.CDLL | None:
         ctypes.c_void_p,  # key_slots: (m, key_stride) int64
         ctypes.c_int64,  # key_stride
         ctypes.c_void_p,  # counts: (m,) int64
-        ctypes.c_void_p,  # parts: (m, parts_stride) uint8
-        ctypes.c_int64,  # parts_stride
+        ctypes.c_void_p,  # parts: (m, key_stride) uint8
         ctypes.c_int64,  # heads
         ctypes.c_int64,  # kv heads
         ctypes.c_int64,  # head_dim

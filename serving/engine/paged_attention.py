@@ -321,7 +321,6 @@ def native_decode_attention(
         group.num_keys,
         group.native_counts.data_ptr(),
         group.native_parts.data_ptr(),
-        group.num_keys,
         heads,
         kv_heads,
         head_dim,

@@ -239,7 +239,8 @@ void attend(const float* q, int64_t count, const float* keys, const float* value
 
 // Attention of m rows of one query each: row r's query heads at q + (rows ? rows[r] : r) *
 // q_stride, its keys and values at key_slots[r][0..counts[r]) of the layer's stores, each key
-// entering the softmax parts[r][t] names (NONE, TEXT_PART or IMAGE_PART). out: (m, heads, d).
+// entering the softmax parts[r][t] names (NONE, TEXT_PART or IMAGE_PART; parts is laid out
+// like key_slots). out: (m, heads, d).
 struct Queries {
     const float* q;
     const int64_t* rows;  // nullptr: row r is query row r
@@ -248,7 +249,7 @@ struct Queries {
     const int64_t* key_slots;
     int64_t key_stride;
     const int64_t* counts;
-    const uint8_t* const* parts;
+    const uint8_t* parts;
 };
 
 void attention(const Queries& in, int64_t heads, int64_t kv_heads, int64_t d, float scaling,
@@ -263,8 +264,8 @@ void attention(const Queries& in, int64_t heads, int64_t kv_heads, int64_t d, fl
         const int64_t row = in.rows ? in.rows[r] : r;
         std::vector<float> scores(count);
         run(in.q + row * in.q_stride + h * d, count, keys + g * d, values + g * d,
-            in.key_slots + r * in.key_stride, kv_stride, d, scaling, in.parts[r], scores.data(),
-            out + r * heads * d + h * d);
+            in.key_slots + r * in.key_stride, kv_stride, d, scaling, in.parts + r * in.key_stride,
+            scores.data(), out + r * heads * d + h * d);
     }
 }
 
@@ -288,13 +289,9 @@ void vc_decode_pass(float* hidden, int64_t m, const int64_t* layers, int64_t num
     std::vector<float> x(m * h), qkv(m * qkv_width), attended(m * s.heads * d), residual(m * h);
     std::vector<float> gate_up(m * 2 * s.intermediate), act(m * s.intermediate);
     std::vector<int64_t> counts(m);
-    std::vector<const uint8_t*> part_rows(m);
-    for (int64_t r = 0; r < m; ++r) {
-        counts[r] = positions[r] + 1;  // keys 0..p, the row's own included
-        part_rows[r] = parts + r * key_stride;
-    }
-    const Queries queries{qkv.data(), nullptr, qkv_width, m, key_slots,
-                          key_stride,  counts.data(), part_rows.data()};
+    for (int64_t r = 0; r < m; ++r) counts[r] = positions[r] + 1;  // keys 0..p, its own included
+    const Queries queries{qkv.data(), nullptr, qkv_width, m, key_slots, key_stride, counts.data(),
+                          parts};
     for (int64_t l = 0; l < num_layers; ++l) {
         const int64_t* layer = layers + l * LAYER;
         const int64_t* products = layer + LAYER_HEAD;
@@ -333,17 +330,15 @@ int64_t vc_decode_layer_entries() { return LAYER; }
 // gathers and the padding to the longest context that the torch path needs. q: the pass's
 // queries, row rows[r] of stride q_stride floats (heads x head_dim contiguous within a row).
 // key_slots (m, key_stride) int64, counts (m,): row r attends to key_slots[r][0..counts[r]).
-// parts (m, parts_stride) uint8: which softmax each of those keys enters (0 none, 1 text,
-// 2 image), worked out by the caller (paged_attention.py, from MMCA's masks). out: (m, heads,
-// head_dim) float32.
+// parts (m, key_stride) uint8: which softmax each of those keys enters (0 none, 1 text,
+// 2 image), worked out by the caller (paged_attention.key_parts, from MMCA's masks). out: (m,
+// heads, head_dim) float32.
 void vc_decode_attention(const float* q, const int64_t* rows, int64_t q_stride, int64_t m,
                          const float* keys, const float* values, const int64_t* key_slots,
                          int64_t key_stride, const int64_t* counts, const uint8_t* parts,
-                         int64_t parts_stride, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                         float scaling, float* out) {
-    std::vector<const uint8_t*> part_rows(m);
-    for (int64_t r = 0; r < m; ++r) part_rows[r] = parts + r * parts_stride;
-    const Queries queries{q, rows, q_stride, m, key_slots, key_stride, counts, part_rows.data()};
+                         int64_t heads, int64_t kv_heads, int64_t head_dim, float scaling,
+                         float* out) {
+    const Queries queries{q, rows, q_stride, m, key_slots, key_stride, counts, parts};
     attention(queries, heads, kv_heads, head_dim, scaling, keys, values, out);
 }
 
