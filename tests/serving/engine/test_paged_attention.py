@@ -14,7 +14,8 @@ from serving.engine import paged_attention as paged
 from serving.engine.paged_attention import PagedBatch, PagedKVStore, build_group
 from visualchat.model.attention import PADDING
 
-pytestmark = pytest.mark.skipif(
+# The parts (build_group, key_parts) are torch alone; only attending natively needs the library.
+needs_native = pytest.mark.skipif(
     not block_kernels.available(), reason="native attention needs a C++ compiler (g++)"
 )
 
@@ -54,6 +55,7 @@ def decode_sequences(store: PagedKVStore) -> tuple[list, list, list]:
     return rows, positions, key_slots
 
 
+@needs_native
 @pytest.mark.parametrize("mmca", [True, False])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 2, 8), (6, 3, 64), (2, 2, 16)])
 def test_native_decode_groups_attend_as_the_gather_path_does(
@@ -128,6 +130,7 @@ def test_groups_of_longer_chunks_keep_the_gather_path() -> None:
     assert group.native_parts is None and group.text_part is not None
 
 
+@needs_native
 @pytest.mark.parametrize("attention", ["mmca", "causal"])
 def test_an_engine_with_native_attention_computes_the_same_logits(
     attention: str, monkeypatch: pytest.MonkeyPatch
