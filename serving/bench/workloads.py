@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from serving.engine import Engine, EngineLoop
+from serving.engine.loop import read_outputs
 from visualchat.api import VisualChat
 from visualchat.messages import Conversation
 from visualchat.processor import ProcessedInputs
@@ -190,15 +191,10 @@ def run_open_loop(
         results[i].num_prompt_tokens = inputs[i].num_tokens
         request_ids[i], sink = loop.submit(inputs[i], params)
         submitted[i].set()
-        while True:
-            out = sink.get()
-            if isinstance(out, BaseException):
-                raise out
+        for out in read_outputs(sink):
             now = time.perf_counter() - started
             results[i].token_times += [now] * len(out.new_token_ids)
-            if out.finished:
-                results[i].finish_reason = out.finish_reason
-                return
+            results[i].finish_reason = out.finish_reason  # None until the last output
 
     order = sorted(range(len(everything)), key=lambda i: everything[i][0])
     threads: list[threading.Thread] = []

@@ -26,6 +26,18 @@ from visualchat.sampling import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+def read_outputs(sink: queue.Queue) -> Iterator[RequestOutput]:
+    """A submitted request's outputs from its queue (`EngineLoop.submit`), up to and including
+    the finished one; an error the loop put there is raised."""
+    while True:
+        item = sink.get()
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+        if item.finished:
+            return
+
+
 @dataclass
 class _Submission:
     request_id: str
@@ -115,14 +127,9 @@ class EngineLoop:
         request_id, sink = self.submit(conversation, params, limits)
         finished = False
         try:
-            while True:
-                item = sink.get()
-                if isinstance(item, BaseException):
-                    raise item
+            for item in read_outputs(sink):
                 yield item
-                if item.finished:
-                    finished = True
-                    return
+                finished = item.finished
         finally:
             if not finished:
                 self.abort(request_id)
