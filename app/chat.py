@@ -8,16 +8,20 @@ Bad input never escapes as an exception: a file that is not an image, an oversiz
 many images, a conversation longer than the context or a malformed history becomes one readable
 "⚠️ ..." reply, flagged `is_error` so the UI can keep that turn out of what the model sees next.
 
-Stopping. Gradio cancels a running event by closing its generator (`close()` raises
-GeneratorExit at the current `yield`). `stream_reply` then closes the engine stream in its
-`finally`, and the engine stream's own `finally` aborts the engine request, which frees its
-KV-cache blocks at once instead of generating to max_tokens for nobody.
+Stopping. Two ways end a reply early, and both abort the engine request, which frees its
+KV-cache blocks at once instead of generating to max_tokens for nobody:
+- closing the generator (Gradio's `cancels=`, used by the `/chat` API's clients): `stream_reply`
+  closes the engine stream in its `finally`, and that stream's own `finally` aborts;
+- `ReplyControl.stop()` from another thread (the web chat's Stop and Clear): it aborts the request
+  by its id, so the engine stream ends with an "abort" output and the reply ends normally.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import threading
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass
@@ -49,7 +53,83 @@ class ReplyBackend(Protocol):
         conversation: Conversation,
         params: SamplingParams,
         limits: ImageLimits | None = None,
+        request_id: str | None = None,
     ) -> Iterator[RequestOutput]: ...  # closing it aborts the request
+
+    def abort(self, request_id: str) -> None: ...  # from any thread; unknown ids are ignored
+
+
+class ReplyControl:
+    """Stops one streaming reply from another thread: the web chat's Stop and Clear buttons.
+
+    Why not Gradio's `cancels=`: when the cancel's completion message reaches the page while the
+    reply's own messages are still being read, Gradio 6's page marks the reply's event as failed,
+    and the Chatbot then covers the whole conversation with an "Error" panel (seen about one Stop
+    in ten). A reply stopped here ends like any other, so its event completes normally.
+    """
+
+    def __init__(self, backend: ReplyBackend) -> None:
+        self.backend = backend
+        self.request_id = f"chat-{uuid.uuid4().hex}"  # the engine request, named before it exists
+        self.discarded = False  # Clear: the reply is not to be shown any more
+        self._stopped = threading.Event()
+        self._ended = threading.Event()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
+
+    def stop(self, discard: bool = False) -> None:
+        self.discarded = self.discarded or discard
+        self._stopped.set()
+        self.backend.abort(self.request_id)
+
+    def end(self) -> None:
+        """Called by the reply when it has yielded its last update."""
+        self._ended.set()
+
+    def wait_ended(self, timeout: float) -> bool:
+        return self._ended.wait(timeout)
+
+
+class SessionReplies:
+    """The reply each browser session has under way, keyed by Gradio's session hash: at most one,
+    since the textbox is a Stop button meanwhile. A control is made when the turn is added, so a
+    Stop pressed before the reply's event has started still finds it."""
+
+    def __init__(self, backend: ReplyBackend) -> None:
+        self._backend = backend
+        self._controls: dict[str, ReplyControl] = {}
+        self._lock = threading.Lock()  # Gradio runs each session's events on worker threads
+
+    def start(self, session: str) -> ReplyControl:
+        control = ReplyControl(self._backend)
+        with self._lock:
+            earlier, self._controls[session] = self._controls.get(session), control
+        if earlier is not None:  # not expected (see above); never leave a reply running unseen
+            earlier.stop()
+        return control
+
+    def current(self, session: str) -> ReplyControl | None:
+        with self._lock:
+            return self._controls.get(session)
+
+    def finish(self, session: str, control: ReplyControl) -> None:
+        with self._lock:
+            if self._controls.get(session) is control:
+                del self._controls[session]
+        control.end()
+
+    def stop(self, session: str, discard: bool = False) -> ReplyControl | None:
+        """Stop the session's reply, if any; discard: do not show it any more (Clear)."""
+        control = self.current(session)
+        if control is not None:
+            control.stop(discard)
+        return control
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._controls)
 
 
 class BackendUnavailable(RuntimeError):
@@ -106,11 +186,13 @@ def stream_reply(
     message: str | Mapping[str, Any] | None,
     settings: ChatSettings | None = None,
     limits: ImageLimits = UI_LIMITS,
+    control: ReplyControl | None = None,
 ) -> Iterator[Reply]:
     """Stream the reply to `message` after `history`, one `Reply` per new piece of text.
 
     `message` is the multimodal textbox value or a string; None when the history already ends
     with the user turn to answer (Retry). Errors end the stream with one `is_error` Reply.
+    control: lets another thread stop the reply; it then ends with finish_reason "abort".
     """
     settings = settings or ChatSettings()
     try:
@@ -122,12 +204,23 @@ def stream_reply(
     if not conversation.messages or conversation.messages[-1].role != "user":
         yield Reply(f"{WARNING} Type a question or attach an image first.", is_error=True)
         return
+    if control is not None and control.stopped:  # stopped before it began: ask the engine nothing
+        yield Reply("", finish_reason="abort")
+        return
     text = ""
     outputs: Iterator[RequestOutput] | None = None
     try:
-        outputs = backend.stream_outputs(conversation, params, limits)
+        if control is None:
+            outputs = backend.stream_outputs(conversation, params, limits)
+        else:
+            outputs = backend.stream_outputs(conversation, params, limits, control.request_id)
         for out in outputs:
             text += out.delta
+            if control is not None and control.stopped and not out.finished:
+                # A stop whose abort reached the engine before the request did (while its images
+                # were decoded) was lost there: end here, at the first output, instead.
+                yield Reply(text, finish_reason="abort")
+                return
             if out.delta or out.finished:
                 yield Reply(text, finish_reason=out.finish_reason)
     except ValueError as err:  # ImageError, ContextLengthError: raised before any text

@@ -124,12 +124,18 @@ class LeastBusyLoop:
         conversation: Conversation,
         params: SamplingParams,
         limits: ImageLimits | None = None,
+        request_id: str | None = None,
     ) -> Iterator[RequestOutput]:
         loops = list(self._loops())
         if not loops:
             raise BackendUnavailable("The model is still loading; send again in a moment.")
         loop = min(loops, key=lambda candidate: candidate.num_active)
-        return loop.stream_outputs(conversation, params, limits)
+        return loop.stream_outputs(conversation, params, limits, request_id)
+
+    def abort(self, request_id: str) -> None:
+        # Every loop hears it: the one that has the request aborts it, the others ignore the id.
+        for loop in self._loops():
+            loop.abort(request_id)
 
 
 def serve_with_ui(

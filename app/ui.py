@@ -12,12 +12,18 @@ what the model reads next.
 
 Concurrency. Every reply streams from the one batched engine, which interleaves all sessions in
 each forward pass, so the reply events have no concurrency limit: sessions never wait for each
-other in Gradio's queue, only in the engine's scheduler. Stop cancels the event; Gradio then
-closes the reply generator, whose `finally` aborts the engine request (see app/chat.py).
+other in Gradio's queue, only in the engine's scheduler.
+
+Stopping. Stop and Clear do not cancel the reply's event (Gradio's `cancels=`; see
+`app.chat.ReplyControl` for why): they abort the session's engine request, and the reply ends
+like any other. Clear also discards the reply, and waits for it to end before it empties the
+chat, so that no late update of the reply brings the conversation back. Closing the page stops
+the session's reply too.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import closing
@@ -26,9 +32,18 @@ from typing import Any
 
 import gradio as gr
 
-from app.chat import UI_LIMITS, ChatSettings, ReplyBackend, stream_reply
+from app.chat import (
+    UI_LIMITS,
+    ChatSettings,
+    ReplyBackend,
+    ReplyControl,
+    SessionReplies,
+    stream_reply,
+)
 from app.turns import Turn, display_history, model_history, pop_last_turn
 from visualchat.images import ImageLimits
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TITLE = "VisualChat"
 EXAMPLES_DIR = Path(__file__).parent / "examples"
@@ -41,6 +56,7 @@ EXAMPLES: tuple[tuple[str, tuple[str, ...]], ...] = (
 # Other queued events are light; replies are unlimited (see the module docstring).
 QUEUE_CONCURRENCY = 64
 MAX_TOKENS_LIMIT = 4096  # the slider's top; the engine also stops at the model's context
+CLEAR_WAIT_S = 10.0  # Clear waits this long at most for the stopped reply to end (one step)
 DESCRIPTION = (
     "Attach one or more images (the paperclip, or drop them on the box), ask about them, and keep "
     "going: later messages can add more images. Images are numbered across the whole chat, so "
@@ -65,11 +81,15 @@ def build_app(
     defaults = settings or ChatSettings()
     examples = example_messages(Path(examples_dir) if examples_dir is not None else EXAMPLES_DIR)
 
-    def stream_turn(turns: list[Turn], settings: ChatSettings) -> Iterator[None]:
+    running = SessionReplies(loop)
+
+    def stream_turn(
+        turns: list[Turn], settings: ChatSettings, control: ReplyControl | None = None
+    ) -> Iterator[None]:
         """Answer the last turn in place, yielding after each piece of text."""
         turn = turns[-1]
         history = model_history(turns[:-1])
-        replies = stream_reply(loop, history, turn.message, settings, limits)
+        replies = stream_reply(loop, history, turn.message, settings, limits, control)
         try:
             with closing(replies):  # a Stop closes this generator, and so the engine stream
                 for reply in replies:
@@ -79,32 +99,62 @@ def build_app(
             turn.is_done = True  # finished or stopped: what was shown is the reply
 
     def respond(
-        turns: list[Turn], max_tokens: float, temperature: float, top_p: float, system: str
+        turns: list[Turn],
+        max_tokens: float,
+        temperature: float,
+        top_p: float,
+        system: str,
+        request: gr.Request,
     ) -> Iterator[tuple[list[dict[str, Any]], list[Turn]]]:
-        if turns and not turns[-1].is_done:
-            settings = ChatSettings(max_tokens, temperature, top_p, system or "")
-            with closing(stream_turn(turns, settings)) as updates:
-                for _ in updates:
-                    yield display_history(turns), turns
-        yield display_history(turns), turns
+        session = request.session_hash or ""
+        control = running.current(session) or running.start(session)
+        try:
+            if turns and not turns[-1].is_done:
+                settings = ChatSettings(max_tokens, temperature, top_p, system or "")
+                with closing(stream_turn(turns, settings, control)) as updates:
+                    for _ in updates:
+                        if control.discarded:  # cleared: show nothing more of it
+                            break
+                        yield display_history(turns), turns
+            if not control.discarded:
+                yield display_history(turns), turns
+        finally:
+            running.finish(session, control)
+
+    def stop_reply(request: gr.Request) -> None:
+        running.stop(request.session_hash or "")
+
+    def clear_chat(request: gr.Request) -> tuple[list[Turn], list[dict[str, Any]]]:
+        control = running.stop(request.session_hash or "", discard=True)
+        if control is not None and not control.wait_ended(CLEAR_WAIT_S):
+            logger.warning("a cleared reply did not end within %.0f s", CLEAR_WAIT_S)
+        return [], []
+
+    def page_closed(request: gr.Request) -> None:
+        running.stop(request.session_hash or "", discard=True)
 
     def add_turn(
-        message: dict[str, Any] | None, turns: list[Turn]
+        message: dict[str, Any] | None, turns: list[Turn], request: gr.Request
     ) -> tuple[Any, list[Turn], list[dict[str, Any]]]:
         turns = [*turns, _turn_of(message)]
+        running.start(request.session_hash or "")  # from now on Stop has a reply to stop
         return _busy_textbox(), turns, display_history(turns)
 
     def add_example_turn(
-        turns: list[Turn], event: gr.SelectData
+        turns: list[Turn], event: gr.SelectData, request: gr.Request
     ) -> tuple[Any, list[Turn], list[dict[str, Any]]]:
         turns = [*turns, _turn_of(event.value)]
+        running.start(request.session_hash or "")
         return _busy_textbox(), turns, display_history(turns)
 
-    def forget_last_reply(turns: list[Turn]) -> tuple[Any, list[Turn], list[dict[str, Any]]]:
+    def forget_last_reply(
+        turns: list[Turn], request: gr.Request
+    ) -> tuple[Any, list[Turn], list[dict[str, Any]]]:
         if not turns:
             raise gr.Error("There is no reply to retry.")
         last = turns[-1]
         turns = [*turns[:-1], Turn(list(last.files), last.text)]
+        running.start(request.session_hash or "")
         return _busy_textbox(), turns, display_history(turns)
 
     def undo(turns: list[Turn]) -> tuple[Any, list[Turn], list[dict[str, Any]]]:
@@ -191,9 +241,10 @@ def build_app(
         for reply in replies:
             reply.then(_idle_textbox, None, textbox, **quick)
 
-        textbox.stop(None, None, None, cancels=replies, **quick)
+        textbox.stop(stop_reply, None, None, **quick)
         chatbot.undo(undo, [turns], chat_view, **quick)
-        chatbot.clear(_cleared, None, [turns, chatbot], cancels=replies, **quick)
+        chatbot.clear(clear_chat, None, [turns, chatbot], **quick)
+        demo.unload(page_closed)
 
         gr.Button("api", visible=False).click(
             api_chat,
@@ -234,7 +285,3 @@ def _busy_textbox() -> Any:
 
 def _idle_textbox() -> Any:
     return gr.update(interactive=True, submit_btn=True, stop_btn=False)
-
-
-def _cleared() -> tuple[list[Turn], list[dict[str, Any]]]:
-    return [], []

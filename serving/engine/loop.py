@@ -99,14 +99,19 @@ class EngineLoop:
         conversation: Conversation | ProcessedInputs,
         params: SamplingParams,
         limits: ImageLimits | None = None,
+        request_id: str | None = None,
     ) -> tuple[str, queue.Queue]:
-        """Preprocess here (raises ImageError / ContextLengthError at once), then enqueue."""
+        """Preprocess here (raises ImageError / ContextLengthError at once), then enqueue.
+
+        request_id: the caller's own id, so that another thread can `abort` the request before
+        this returns (the web chat's Stop); it must not be in use (the sink then gets a
+        ValueError). Default: a fresh "loop-N"."""
         inputs = (
             conversation
             if isinstance(conversation, ProcessedInputs)
             else self.engine.process(conversation, limits)
         )
-        submission = _Submission(f"loop-{next(self._ids)}", inputs, params)
+        submission = _Submission(request_id or f"loop-{next(self._ids)}", inputs, params)
         with self._submit_lock:
             if self._stopped.is_set():
                 raise RuntimeError("the engine loop is stopped")
@@ -115,6 +120,9 @@ class EngineLoop:
         return submission.request_id, submission.sink
 
     def abort(self, request_id: str) -> None:
+        """End a request from any thread: its stream gets a last output with finish_reason
+        "abort". Unknown or finished ids are ignored, and so is an abort that reaches the loop
+        before the request's submission does."""
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
@@ -123,8 +131,11 @@ class EngineLoop:
         conversation: Conversation | ProcessedInputs,
         params: SamplingParams,
         limits: ImageLimits | None = None,
+        request_id: str | None = None,
     ) -> Iterator[RequestOutput]:
-        request_id, sink = self.submit(conversation, params, limits)
+        """The request's outputs as they come (see `submit` for request_id); closing the stream
+        before the finished output aborts the request."""
+        request_id, sink = self.submit(conversation, params, limits, request_id)
         finished = False
         try:
             for item in read_outputs(sink):
@@ -145,11 +156,14 @@ class EngineLoop:
         conversation: Conversation | ProcessedInputs,
         params: SamplingParams,
         limits: ImageLimits | None = None,
+        request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Async variant for servers; cancelling the consumer aborts the request. Preprocessing
         (image decoding, tokenization) runs in a worker thread, off the event loop."""
         # One worker thread waits per active stream (servers size their pool for it).
-        request_id, sink = await asyncio.to_thread(self.submit, conversation, params, limits)
+        request_id, sink = await asyncio.to_thread(
+            self.submit, conversation, params, limits, request_id
+        )
         finished = False
         try:
             while True:

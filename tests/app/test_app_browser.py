@@ -1,6 +1,7 @@
 """The web chat in a real browser: Debian's Chromium driven by Playwright against the app on
 localhost with the tiny model. Upload two images, ask, watch the reply stream in, ask about
-image 2, stop a long reply, retry it, undo. Screenshots go to test-artifacts/browser/.
+image 2, stop a long reply, retry it, undo, clear the chat while a reply streams. Screenshots go
+to test-artifacts/browser/.
 
 The engine is slowed down (30 ms a pass) and never stops at end-of-sequence, so a long reply
 lasts long enough to press Stop in the middle of it.
@@ -128,17 +129,19 @@ def press_reply_button(page, name: str) -> None:
     page.get_by_role("button", name=name).last.click()
 
 
+def status_overlays(page) -> list[str]:
+    """What the status trackers show over the components ("Error" when an event failed)."""
+    texts = page.locator("[data-testid='status-tracker']").all_inner_texts()
+    return [text.strip() for text in texts if text.strip()]
+
+
 def describe_page(page) -> str:
     """What a person would see that could explain a failure; saves failed.png beside the rest."""
     try:
         page.screenshot(path=str(ARTIFACTS / "failed.png"))
         seen = {
             "toasts": page.locator(".toast-body").all_inner_texts(),
-            "status overlays": [
-                text.strip()
-                for text in page.locator("[data-testid='status-tracker']").all_inner_texts()
-                if text.strip()
-            ],
+            "status overlays": status_overlays(page),
             "bot replies": [text[:80] for text in bot_texts(page)],
             "buttons": page.locator("button:visible").evaluate_all(
                 "els => els.map(e => e.getAttribute('aria-label') || e.innerText.trim())"
@@ -192,6 +195,9 @@ def test_chat_in_the_browser(served: tuple[str, EngineLoop], tmp_path: Path) -> 
             time.sleep(0.5)
             assert bot_texts(page)[-1] == stopped  # nothing more arrives
             assert loop.engine.requests == {}
+            # The reply ended like any other: no "Error" over the chat (Gradio's own cancel
+            # left one there about one Stop in ten; see app.chat.ReplyControl).
+            assert status_overlays(page) == []
             page.screenshot(path=str(ARTIFACTS / "04-stopped.png"))
 
             # Retry the stopped reply, short this time: the same question, a new complete reply
@@ -207,6 +213,18 @@ def test_chat_in_the_browser(served: tuple[str, EngineLoop], tmp_path: Path) -> 
             box = page.locator("textarea").first
             wait_until(lambda: box.input_value() == "Describe both images at length.")
             page.screenshot(path=str(ARTIFACTS / "06-undone.png"))
+
+            # Clear while a long reply streams: the chat empties and stays empty, and the
+            # engine frees the reply
+            set_max_tokens(page, LONG)
+            send(page, "Describe both images once more.")
+            wait_until(lambda: len(bot_texts(page)) == 3 and len(bot_texts(page)[-1]) > 8)
+            page.get_by_role("button", name="Clear").first.click()
+            page.locator("button.submit-button").wait_for()
+            wait_until(lambda: is_idle(loop) and bot_texts(page) == [])
+            time.sleep(0.5)
+            assert bot_texts(page) == [] and status_overlays(page) == []
+            page.screenshot(path=str(ARTIFACTS / "07-cleared.png"))
         except Exception as err:
             # CI shows only the message: say what the page showed (toasts, status overlays,
             # the chat), since that is what a failed click or wait was up against.

@@ -1,11 +1,13 @@
 """The web chat's chat function without a browser: engine text equals the reference decoder's for
-both Gradio history shapes, bad input becomes a readable reply, and closing the generator (what
-Gradio does on Stop) aborts the engine request and frees its blocks."""
+both Gradio history shapes, bad input becomes a readable reply, and both ways of stopping a reply
+(closing the generator, as Gradio's cancel does; a ReplyControl, as the page's Stop does) abort
+the engine request and free its blocks."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from app_testing import (
     wait_until,
 )
 
-from app.chat import ChatSettings, Reply, make_chat_fn, stream_reply
+from app.chat import ChatSettings, Reply, ReplyControl, make_chat_fn, stream_reply
 from serving.engine import EngineLoop
 from visualchat.images import ImageLimits
 from visualchat.messages import Conversation
@@ -263,6 +265,61 @@ def test_gradio_cancel_closes_the_generator_while_a_token_is_awaited(
     assert len(request.output_ids) < 400
 
 
+def test_a_control_stops_the_reply_from_another_thread(
+    slow_loop: EngineLoop, images: dict[str, str]
+) -> None:
+    control = ReplyControl(slow_loop)
+    message = {"text": "Describe it at length.", "files": [images["blue"]]}
+    replies = stream_reply(slow_loop, [], message, ChatSettings(max_tokens=400), control=control)
+    first = next(replies)
+    (request,) = slow_loop.engine.requests.values()
+    assert request.request_id == control.request_id
+    stopper = threading.Thread(target=control.stop)  # the Stop button's event
+    stopper.start()
+    rest = list(replies)  # ends by itself, without being closed
+    stopper.join()
+    assert rest[-1].finish_reason == "abort" and rest[-1].text.startswith(first.text)
+    wait_until(lambda: is_idle(slow_loop))
+    assert request.finish_reason == "abort" and request.block_table == []
+    assert len(request.output_ids) < 400
+
+
+def test_a_reply_stopped_before_it_began_asks_the_engine_nothing(slow_loop: EngineLoop) -> None:
+    control = ReplyControl(slow_loop)
+    control.stop()
+    assert list(stream_reply(slow_loop, [], "hello", control=control)) == [
+        Reply("", finish_reason="abort")
+    ]
+    assert slow_loop.engine.num_steps == 0
+
+
+class StoppedWhilePreprocessing:
+    """A Stop that lands while the request's images are decoded: its abort reaches the engine
+    loop before the request does, and the loop ignores it."""
+
+    def __init__(self, loop: EngineLoop) -> None:
+        self.loop = loop
+        self.control = ReplyControl(self)
+
+    def stream_outputs(self, conversation, params, limits=None, request_id=None):
+        self.control.stop()
+        return self.loop.stream_outputs(conversation, params, limits, request_id)
+
+    def abort(self, request_id: str) -> None:
+        self.loop.abort(request_id)
+
+
+def test_a_stop_lost_by_the_engine_ends_the_reply_at_its_first_output(
+    slow_loop: EngineLoop,
+) -> None:
+    backend = StoppedWhilePreprocessing(slow_loop)
+    settings = ChatSettings(max_tokens=400)
+    replies = list(stream_reply(backend, [], "hello", settings, control=backend.control))
+    assert len(replies) == 1 and replies[0].finish_reason == "abort"
+    wait_until(lambda: is_idle(slow_loop))
+    assert slow_loop.engine.num_steps < 20
+
+
 def test_replicas_still_loading_get_a_readable_reply(loop: EngineLoop) -> None:
     from app.launch import LeastBusyLoop
 
@@ -278,8 +335,14 @@ def test_replicas_still_loading_get_a_readable_reply(loop: EngineLoop) -> None:
 class Busy:
     num_active = 3
 
-    def stream_outputs(self, conversation, params, limits=None):
+    def __init__(self) -> None:
+        self.aborted: list[str] = []
+
+    def stream_outputs(self, conversation, params, limits=None, request_id=None):
         raise AssertionError("the least busy loop should have been picked")
+
+    def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
 
 
 def test_each_reply_goes_to_the_least_busy_loop(loop: EngineLoop) -> None:
@@ -288,6 +351,20 @@ def test_each_reply_goes_to_the_least_busy_loop(loop: EngineLoop) -> None:
     backend = LeastBusyLoop(lambda: [Busy(), loop, Busy()])
     replies = list(stream_reply(backend, [], "hello", ChatSettings(max_tokens=MAX_TOKENS)))
     assert not replies[-1].is_error and replies[-1].finish_reason in ("stop", "length")
+
+
+def test_a_stop_reaches_the_replica_that_has_the_reply(slow_loop: EngineLoop) -> None:
+    from app.launch import LeastBusyLoop
+
+    busy = Busy()
+    backend = LeastBusyLoop(lambda: [busy, slow_loop])
+    control = ReplyControl(backend)
+    replies = stream_reply(backend, [], "hello", ChatSettings(max_tokens=400), control=control)
+    next(replies)
+    control.stop()
+    assert list(replies)[-1].finish_reason == "abort"
+    assert busy.aborted == [control.request_id]  # the other replica ignores the id
+    wait_until(lambda: is_idle(slow_loop))
 
 
 def _text_only(text: str) -> Conversation:

@@ -1,13 +1,21 @@
 """The web chat's state views (image numbering, failed turns) and the page's wiring, without a
-server: what the Chatbot shows, what the model reads, and how the events are configured."""
+server: what the Chatbot shows, what the model reads, how the events are configured, and how
+Stop and Clear end a session's reply (the page's functions called as Gradio calls them)."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gradio as gr  # noqa: E402  (a dependency: fail loudly if missing)
+import pytest
+from app_testing import image_files, is_idle, make_loop, wait_until
 
 from app.turns import EMPTY_REPLY, Turn, display_history, model_history, pop_last_turn
+from app.ui import CLEAR_WAIT_S, EXAMPLES, EXAMPLES_DIR, build_app
+from serving.engine import EngineLoop
 from visualchat.messages import Conversation, ImagePart
 
 TURNS = [
@@ -74,13 +82,14 @@ def test_chatbot_accepts_the_display_messages(tmp_path: Path) -> None:
 
 
 class NoBackend:
-    def stream_outputs(self, conversation, params, limits=None):
+    def stream_outputs(self, conversation, params, limits=None, request_id=None):
+        raise AssertionError("not called when only building the page")
+
+    def abort(self, request_id: str) -> None:
         raise AssertionError("not called when only building the page")
 
 
 def test_page_wiring() -> None:
-    from app.ui import EXAMPLES, EXAMPLES_DIR, build_app
-
     demo = build_app(NoBackend(), title="Test chat")
     config = demo.get_config_file()
     components = {c["id"]: c for c in config["components"]}
@@ -107,12 +116,111 @@ def test_page_wiring() -> None:
     assert all(f.concurrency_limit is None for f in replies)  # no queue of one
     (api,) = [f for f in functions if f.api_name == "chat"]
     assert api.api_visibility == "public"
-    cancelling = {d["targets"][0][1]: d["cancels"] for d in config["dependencies"] if d["cancels"]}
-    reply_ids = sorted(f._id for f in replies if f.name == "respond")
-    assert cancelling == {"stop": reply_ids, "clear": reply_ids}
+    # Stop and Clear end the reply through the engine, not by cancelling its event (see
+    # app.chat.ReplyControl); closing the page stops it too.
+    assert not any(d["cancels"] for d in config["dependencies"])
+    by_trigger = {(t[1], f.name) for f in functions for t in f.targets}
+    assert {
+        ("stop", "stop_reply"),
+        ("clear", "clear_chat"),
+        ("unload", "page_closed"),
+    } <= by_trigger
     assert config["title"] == "Test chat"
 
     # the bundled example images: small, and all present
     pngs = sorted(EXAMPLES_DIR.glob("*.png"))
     assert {p.name for p in pngs} == {n for _, names in EXAMPLES for n in names}
     assert sum(p.stat().st_size for p in pngs) < 100_000
+
+
+@pytest.fixture
+def slow_loop() -> Iterator[EngineLoop]:
+    engine_loop = make_loop(step_delay=0.01, ignore_eos=True)
+    yield engine_loop
+    engine_loop.shutdown()
+
+
+def page_functions(loop: EngineLoop) -> dict[str, Callable]:
+    return {f.name: f.fn for f in build_app(loop).fns.values()}
+
+
+def start_reply(
+    fns: dict[str, Callable], text: str, session: str, files: list[str] = ()
+) -> tuple[list, threading.Thread]:
+    """Send a message as the page does (add the turn, then stream the reply on a worker thread);
+    returns the list the reply's updates are appended to, and that thread."""
+    request = gr.Request(session_hash=session)
+    _, turns, _ = fns["add_turn"]({"text": text, "files": list(files)}, [], request)
+    updates: list = []
+
+    def run() -> None:
+        for update in fns["respond"](turns, 400, 0.0, 1.0, "", request):
+            updates.append(update)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return updates, thread
+
+
+def test_stop_ends_only_its_own_sessions_reply(slow_loop: EngineLoop, tmp_path: Path) -> None:
+    fns = page_functions(slow_loop)
+    images = image_files(tmp_path)
+    mine, my_thread = start_reply(fns, "Describe it at length.", "tab-1", [images["red"]])
+    theirs, their_thread = start_reply(fns, "Tell me a long story.", "tab-2")
+    wait_until(lambda: len(mine) > 2 and len(theirs) > 2)
+    requests = list(slow_loop.engine.requests.values())
+
+    fns["stop_reply"](gr.Request(session_hash="tab-1"))
+    my_thread.join(timeout=10)
+    assert not my_thread.is_alive()  # the reply ended by itself, as a finished one does
+    history, turns = mine[-1]
+    assert turns[-1].is_done and turns[-1].reply and not turns[-1].is_error
+    assert history[-1] == {"role": "assistant", "content": turns[-1].reply}
+    assert their_thread.is_alive() and len(slow_loop.engine.requests) == 1  # still answering
+
+    fns["stop_reply"](gr.Request(session_hash="tab-2"))
+    their_thread.join(timeout=10)
+    wait_until(lambda: is_idle(slow_loop))
+    assert [r.finish_reason for r in requests] == ["abort", "abort"]
+    assert all(len(r.output_ids) < 400 and r.block_table == [] for r in requests)
+
+
+def test_a_stop_before_the_reply_began_ends_it_at_once(slow_loop: EngineLoop) -> None:
+    """Stop is shown as soon as the turn is added, before the reply's event runs."""
+    fns = page_functions(slow_loop)
+    request = gr.Request(session_hash="tab-1")
+    _, turns, _ = fns["add_turn"]({"text": "Tell me a long story.", "files": []}, [], request)
+    fns["stop_reply"](request)
+    updates = list(fns["respond"](turns, 400, 0.0, 1.0, "", request))
+    assert turns[-1].is_done and updates[-1][1] is turns
+    assert slow_loop.engine.num_steps == 0
+
+
+def test_clear_waits_for_the_reply_to_end_and_nothing_of_it_follows(
+    slow_loop: EngineLoop,
+) -> None:
+    fns = page_functions(slow_loop)
+    request = gr.Request(session_hash="tab-1")
+    _, turns, _ = fns["add_turn"]({"text": "Tell me a long story.", "files": []}, [], request)
+    replies = fns["respond"](turns, 400, 0.0, 1.0, "", request)
+    for _ in range(3):  # Gradio's worker holds the reply at a yield while the page shows it
+        next(replies)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        cleared = pool.submit(fns["clear_chat"], request)
+        wait_until(lambda: not slow_loop.engine.requests)  # Clear has stopped the reply
+        assert not cleared.done()  # and waits for it to end
+        assert list(replies) == []  # the reply's worker resumes: not one more update
+        # when the reply has ended, not at Clear's time limit
+        assert cleared.result(timeout=CLEAR_WAIT_S / 2) == ([], [])
+    wait_until(lambda: is_idle(slow_loop))
+
+    # closing the page stops and discards its reply the same way (without waiting)
+    request = gr.Request(session_hash="tab-2")
+    _, turns, _ = fns["add_turn"]({"text": "Tell me a long story.", "files": []}, [], request)
+    replies = fns["respond"](turns, 400, 0.0, 1.0, "", request)
+    for _ in range(3):
+        next(replies)
+    fns["page_closed"](request)
+    wait_until(lambda: not slow_loop.engine.requests)
+    assert list(replies) == []
+    wait_until(lambda: is_idle(slow_loop))

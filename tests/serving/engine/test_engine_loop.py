@@ -244,6 +244,30 @@ def test_an_abort_from_elsewhere_ends_the_readers_stream_cleanly(loop: EngineLoo
     wait_until(lambda: is_idle(loop))
 
 
+def test_a_caller_named_request_can_be_aborted_by_another_thread(loop: EngineLoop) -> None:
+    """The web chat's Stop: the request is named before it exists, and aborted by that name from
+    a thread that never sees its stream."""
+    outputs = loop.stream_outputs(WORKLOAD[1], LONG, request_id="chat-1")
+    first = next(outputs)
+    assert first.request_id == "chat-1" and "chat-1" in loop.engine.requests
+    stopper = threading.Thread(target=loop.abort, args=("chat-1",))
+    stopper.start()
+    rest = list(outputs)
+    stopper.join()
+    assert rest[-1].finish_reason == "abort"
+    assert 1 + sum(len(out.new_token_ids) for out in rest) < LONG.max_tokens
+    wait_until(lambda: is_idle(loop))
+
+    # a name in use is refused to the second caller only; the first keeps its stream
+    first_stream = loop.stream_outputs(WORKLOAD[1], LONG, request_id="chat-2")
+    assert next(first_stream).request_id == "chat-2"
+    with pytest.raises(ValueError, match="already in use"):
+        next(loop.stream_outputs(WORKLOAD[2], GREEDY, request_id="chat-2"))
+    assert not next(first_stream).finished
+    first_stream.close()
+    wait_until(lambda: is_idle(loop))
+
+
 def test_build_makes_the_engine_on_the_loop_thread_and_serves() -> None:
     built_on: list[threading.Thread] = []
 
