@@ -127,10 +127,6 @@ class SessionReplies:
             control.stop(discard)
         return control
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._controls)
-
 
 class BackendUnavailable(RuntimeError):
     """No engine can answer now (the model is still loading); shown to the user as is."""

@@ -91,7 +91,7 @@ def build_app(
         history = model_history(turns[:-1])
         replies = stream_reply(loop, history, turn.message, settings, limits, control)
         try:
-            with closing(replies):  # a Stop closes this generator, and so the engine stream
+            with closing(replies):  # a cancel (the /chat API's) closes this, and the engine stream
                 for reply in replies:
                     turn.reply, turn.is_error = reply.text, reply.is_error
                     yield

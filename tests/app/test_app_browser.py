@@ -63,6 +63,13 @@ def require_browser():
     return sync_playwright
 
 
+def open_chat(page, url: str) -> None:
+    """Load the chat in page and wait for its textbox."""
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    page.locator("textarea").first.wait_for()
+
+
 def bot_texts(page) -> list[str]:
     return page.locator("[data-testid='bot']").all_inner_texts()
 
@@ -159,11 +166,9 @@ def test_chat_in_the_browser(served: tuple[str, EngineLoop], tmp_path: Path) -> 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         browser = launch_browser(playwright)
+        page = browser.new_page(viewport=VIEWPORT)
         try:
-            page = browser.new_page(viewport=VIEWPORT)
-            page.set_default_timeout(TIMEOUT_MS)
-            page.goto(url)
-            page.locator("textarea").first.wait_for()
+            open_chat(page, url)
             page.screenshot(path=str(ARTIFACTS / "01-empty.png"))
 
             # two images and a question; the reply streams in piece by piece
@@ -243,11 +248,9 @@ def test_stopping_many_replies_never_leaves_an_error(served: tuple[str, EngineLo
     url, loop = served
     with sync_playwright() as playwright:
         browser = launch_browser(playwright)
+        page = browser.new_page(viewport=VIEWPORT)
         try:
-            page = browser.new_page(viewport=VIEWPORT)
-            page.set_default_timeout(TIMEOUT_MS)
-            page.goto(url)
-            page.locator("textarea").first.wait_for()
+            open_chat(page, url)
             page.get_by_text("Settings", exact=True).first.click()
             set_max_tokens(page, LONG)
             for attempt in range(20):
