@@ -17,8 +17,8 @@ other in Gradio's queue, only in the engine's scheduler.
 Stopping. Stop and Clear do not cancel the reply's event (Gradio's `cancels=`; see
 `app.chat.ReplyControl` for why): they abort the session's engine request, and the reply ends
 like any other. Clear also discards the reply, and waits for it to end before it empties the
-chat, so that no late update of the reply brings the conversation back. Closing the page stops
-the session's reply too.
+chat, so that no late update of the reply brings the conversation back. (Closing the page needs
+nothing here: Gradio then closes the reply's generator, which aborts the request.)
 """
 
 from __future__ import annotations
@@ -129,9 +129,6 @@ def build_app(
         if control is not None and not control.wait_ended(CLEAR_WAIT_S):
             logger.warning("a cleared reply did not end within %.0f s", CLEAR_WAIT_S)
         return [], []
-
-    def page_closed(request: gr.Request) -> None:
-        running.stop(request.session_hash or "", discard=True)
 
     def add_turn(
         message: dict[str, Any] | None, turns: list[Turn], request: gr.Request
@@ -244,7 +241,6 @@ def build_app(
         textbox.stop(stop_reply, None, None, **quick)
         chatbot.undo(undo, [turns], chat_view, **quick)
         chatbot.clear(clear_chat, None, [turns, chatbot], **quick)
-        demo.unload(page_closed)
 
         gr.Button("api", visible=False).click(
             api_chat,

@@ -1,7 +1,7 @@
 """The web chat in a real browser: Debian's Chromium driven by Playwright against the app on
 localhost with the tiny model. Upload two images, ask, watch the reply stream in, ask about
-image 2, stop a long reply, retry it, undo, clear the chat while a reply streams. Screenshots go
-to test-artifacts/browser/.
+image 2, stop a long reply, retry it, undo, clear the chat while a reply streams, close the tab
+while one streams. Screenshots go to test-artifacts/browser/.
 
 The engine is slowed down (30 ms a pass) and never stops at end-of-sequence, so a long reply
 lasts long enough to press Stop in the middle of it.
@@ -230,6 +230,13 @@ def test_chat_in_the_browser(served: tuple[str, EngineLoop], tmp_path: Path) -> 
             time.sleep(0.5)
             assert bot_texts(page) == [] and status_overlays(page) == []
             page.screenshot(path=str(ARTIFACTS / "07-cleared.png"))
+
+            # Close the tab while a reply streams: the engine aborts it
+            send(page, "Describe both images once more.")
+            wait_until(lambda: len(bot_texts(page)) == 1 and len(bot_texts(page)[-1]) > 8)
+            assert len(loop.engine.requests) == 1
+            page.close()
+            wait_until(lambda: is_idle(loop), timeout=10)
         except Exception as err:
             # CI shows only the message: say what the page showed (toasts, status overlays,
             # the chat), since that is what a failed click or wait was up against.

@@ -117,14 +117,10 @@ def test_page_wiring() -> None:
     (api,) = [f for f in functions if f.api_name == "chat"]
     assert api.api_visibility == "public"
     # Stop and Clear end the reply through the engine, not by cancelling its event (see
-    # app.chat.ReplyControl); closing the page stops it too.
+    # app.chat.ReplyControl).
     assert not any(d["cancels"] for d in config["dependencies"])
     by_trigger = {(t[1], f.name) for f in functions for t in f.targets}
-    assert {
-        ("stop", "stop_reply"),
-        ("clear", "clear_chat"),
-        ("unload", "page_closed"),
-    } <= by_trigger
+    assert {("stop", "stop_reply"), ("clear", "clear_chat")} <= by_trigger
     assert config["title"] == "Test chat"
 
     # the bundled example images: small, and all present
@@ -212,15 +208,4 @@ def test_clear_waits_for_the_reply_to_end_and_nothing_of_it_follows(
         assert list(replies) == []  # the reply's worker resumes: not one more update
         # when the reply has ended, not at Clear's time limit
         assert cleared.result(timeout=CLEAR_WAIT_S / 2) == ([], [])
-    wait_until(lambda: is_idle(slow_loop))
-
-    # closing the page stops and discards its reply the same way (without waiting)
-    request = gr.Request(session_hash="tab-2")
-    _, turns, _ = fns["add_turn"]({"text": "Tell me a long story.", "files": []}, [], request)
-    replies = fns["respond"](turns, 400, 0.0, 1.0, "", request)
-    for _ in range(3):
-        next(replies)
-    fns["page_closed"](request)
-    wait_until(lambda: not slow_loop.engine.requests)
-    assert list(replies) == []
     wait_until(lambda: is_idle(slow_loop))
