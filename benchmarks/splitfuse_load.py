@@ -12,6 +12,9 @@ a table and a plot of the inter-token percentiles against the rate.
 
     python benchmarks/splitfuse_load.py --workload fastgen --rates 0.2,0.3,0.4 --requests 24 \
         --out-dir benchmarks/results/splitfuse_load
+
+`--rounds 2` runs on, off, then off, on at each rate (the machine's speed drifts between
+minutes); each mode pools its rounds, and each round's own p95 ratio is printed too.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def sweep(cfg: BenchConfig, rates: list[float], num_requests: int) -> list[dict[
                 "rate": rate,
                 "budget": on["budget"],
                 "p95_ratio": result["p95_itl_ratio_chunked_vs_unchunked"],
+                "rounds": result["rounds"],
                 "on": on,
                 "off": off,
             }
@@ -59,9 +63,14 @@ def format_row(point: dict[str, Any]) -> str:
     def itl(m: dict) -> str:
         return "/".join(f"{m['inter_token_s'][k]:.3f}" for k in ("p50", "p95", "p99"))
 
+    per_round = ""
+    if len(point.get("rounds", [])) > 1:
+        per_round = (
+            " (rounds " + ", ".join(f"{r['p95_itl_ratio']:.2f}" for r in point["rounds"]) + ")"
+        )
     return (
         f"{point['rate']:5.2f} req/s  ITL p50/p95/p99 on {itl(on)}  off {itl(off)}  "
-        f"p95 on/off {point['p95_ratio']:.2f}  stalls on/off {on['stalled_gap_fraction']:.1%}/"
+        f"p95 on/off {point['p95_ratio']:.2f}{per_round}  stalls on/off {on['stalled_gap_fraction']:.1%}/"
         f"{off['stalled_gap_fraction']:.1%} of {off['num_inter_token_gaps']}  "
         f"TTFT p50 on/off {ttft(on)['p50']:.1f}/{ttft(off)['p50']:.1f} s  "
         f"effective req/s on/off {on['effective_throughput_req_s']:.3f}/"
@@ -104,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--streams", type=int, default=None, help="streams decoding (mixed workload; default 32)"
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="rounds of on and off taking turns at each rate (on, off, off, on, ...; default 1)",
+    )
     parser.add_argument("--out-dir", default="benchmarks/results/splitfuse_load")
     args = parser.parse_args(argv)
     try:
@@ -112,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--rates must be numbers separated by commas, got {args.rates!r}")
     if not rates or any(r <= 0 for r in rates):
         parser.error("--rates must hold at least one positive rate")
-    if min(args.requests, args.prompt_words, args.tokens) < 1:
-        parser.error("--requests, --prompt-words and --tokens must be positive")
+    if min(args.requests, args.prompt_words, args.tokens, args.rounds) < 1:
+        parser.error("--requests, --prompt-words, --tokens and --rounds must be positive")
     if args.streams is not None and args.streams < 0:
         parser.error("--streams must be non-negative")
     out_dir = Path(args.out_dir)
@@ -125,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         splitfuse_budget=args.budget,
         long_prompt_words=args.prompt_words,
         fastgen_tokens=args.tokens,
+        splitfuse_rounds=args.rounds,
     )
     if args.streams is not None:
         cfg.num_streams = args.streams

@@ -200,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 32)",
     )
     serving.add_argument(
+        "--splitfuse-rounds",
+        type=int,
+        default=1,
+        help="SplitFuse: rounds of chunking on and off taking turns (on, off, off, on, ...); "
+        "each mode pools its rounds (default 1: on, then off)",
+    )
+    serving.add_argument(
         "--batching-budget",
         type=int,
         default=256,
@@ -486,9 +493,10 @@ def cmd_bench_serving(args: argparse.Namespace) -> int:
         splitfuse_budget=args.budget,
         batching_budget=args.batching_budget or None,
         batching_rounds=args.batching_rounds,
+        splitfuse_rounds=args.splitfuse_rounds,
     )
-    if args.batching_rounds < 1:
-        print("error: --batching-rounds must be positive", file=sys.stderr)
+    if args.batching_rounds < 1 or args.splitfuse_rounds < 1:
+        print("error: --batching-rounds and --splitfuse-rounds must be positive", file=sys.stderr)
         return 2
     if args.arrival_rate is not None and args.arrival_rate <= 0:
         print("error: --arrival-rate must be positive", file=sys.stderr)

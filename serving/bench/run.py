@@ -74,6 +74,10 @@ class BenchConfig:
     # them at all.
     stall_s: float = 1.0
     splitfuse_budget: int | None = None  # None: the engine's own pick from its latency target
+    # Rounds of the two modes, taking turns (on, off, then off, on, ...), so that a slow phase
+    # of this shared machine falls on both; each mode's figures pool its rounds, and each
+    # round's own p95 ratio is kept beside them. 1: on, then off.
+    splitfuse_rounds: int = 1
     curve_rates: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)  # offered loads, requests/s
     curve_requests: int = 8
     curve_tokens: int = 32
@@ -233,6 +237,8 @@ def splitfuse_comparison(model, tokenizer, cfg: BenchConfig) -> dict[str, Any]:
         if cfg.splitfuse_workload == "fastgen"
         else cfg.long_prompt_rate,
     }
+    if cfg.splitfuse_rounds < 1:
+        raise ValueError(f"splitfuse_rounds must be positive, not {cfg.splitfuse_rounds}")
     arrivals, streams = _splitfuse_workload(cfg)
     budget = cfg.splitfuse_budget  # None: the chunked engine picks it, the other one shares it
     if budget is not None and budget <= len(streams):
@@ -252,35 +258,56 @@ def splitfuse_comparison(model, tokenizer, cfg: BenchConfig) -> dict[str, Any]:
             ),
         )
 
-    for chunked in (True, False):
-        engine = make_engine(chunked, budget)
-        if engine.budget <= len(streams):  # the engine's own pick: the next one that leaves room
-            picked = results["budget_picked"] = engine.budget
-            engine.close()
-            raised = min(b for b in BUDGET_CANDIDATES if b > len(streams))
-            logger.warning(
-                "budget %d leaves no room beside %d streams; %d", picked, len(streams), raised
-            )
-            engine = make_engine(chunked, raised)
-        loop = EngineLoop(engine)
-        try:
-            started = time.perf_counter()
-            timed = wl.run_open_loop(loop, arrivals, streams)
-            seconds = time.perf_counter() - started
-        finally:
-            loop.shutdown()
-        summary = _summarise_timed(timed, cfg, seconds)
-        # Both engines run at one budget: it also caps the sequences running at once, and two
-        # start-up probes on this shared machine can pick different ones (32 and 64 did).
-        budget = summary["budget"] = engine.budget
+    runs: dict[bool, list[tuple[list[wl.TimedRequest], float]]] = {True: [], False: []}
+    rounds = []
+    for round_index in range(cfg.splitfuse_rounds):
+        order = (True, False) if round_index % 2 == 0 else (False, True)
+        p95 = {}
+        for chunked in order:
+            engine = make_engine(chunked, budget)
+            if engine.budget <= len(streams):  # the engine's own pick: the next that leaves room
+                picked = results["budget_picked"] = engine.budget
+                engine.close()
+                raised = min(b for b in BUDGET_CANDIDATES if b > len(streams))
+                logger.warning(
+                    "budget %d leaves no room beside %d streams; %d", picked, len(streams), raised
+                )
+                engine = make_engine(chunked, raised)
+            # Every run has one budget: it also caps the sequences running at once, and two
+            # start-up probes on this shared machine can pick different ones (32 and 64 did).
+            budget = engine.budget
+            loop = EngineLoop(engine)
+            try:
+                started = time.perf_counter()
+                timed = wl.run_open_loop(loop, arrivals, streams)
+                seconds = time.perf_counter() - started
+            finally:
+                loop.shutdown()
+            runs[chunked].append((timed, seconds))
+            p95[chunked] = _summarise_timed(timed, cfg, seconds)["inter_token_s"]["p95"]
+        rounds.append(
+            {
+                "first": "chunked" if order[0] else "unchunked",
+                "p95_itl_chunked_s": p95[True],
+                "p95_itl_unchunked_s": p95[False],
+                "p95_itl_ratio": p95[True] / p95[False],
+            }
+        )
+    for chunked, mode_runs in runs.items():
+        timed = [r for requests, _ in mode_runs for r in requests]
+        summary = _summarise_timed(timed, cfg, sum(seconds for _, seconds in mode_runs))
+        summary["budget"] = budget
         summary["num_streams"] = len(streams)
+        summary["num_runs"] = len(mode_runs)
         if streams:
-            prompts, background = timed[: len(arrivals)], timed[len(arrivals) :]
+            prompts = [r for requests, _ in mode_runs for r in requests[: len(arrivals)]]
+            background = [r for requests, _ in mode_runs for r in requests[len(arrivals) :]]
             summary["long_prompt_ttft_s"] = wl.percentiles([r.ttft for r in prompts])
             # A stream that reached its most tokens stopped decoding before the last prompt
             # was answered: the later gaps saw fewer streams than configured.
             summary["streams_ended_early"] = sum(r.finish_reason != "abort" for r in background)
         results["chunked" if chunked else "unchunked"] = summary
+    results["rounds"] = rounds
     on, off = results["chunked"], results["unchunked"]
     results["p95_itl_ratio_chunked_vs_unchunked"] = (
         on["inter_token_s"]["p95"] / off["inter_token_s"]["p95"]
@@ -531,6 +558,13 @@ def format_table(results: dict[str, Any]) -> str:
                 f"{sf['p95_itl_ratio_chunked_vs_unchunked']:.2f}",
             )
         )
+        if len(sf.get("rounds", [])) > 1:
+            rows.append(
+                (
+                    "splitfuse: p95 ratio per round (first mode)",
+                    ", ".join(f"{r['p95_itl_ratio']:.2f} ({r['first']})" for r in sf["rounds"]),
+                )
+            )
     ss = results.get("single_stream")
     if ss:
         rows.append(

@@ -154,6 +154,10 @@ def test_the_cli_passes_the_budget_and_workload_to_the_bench(
     assert main([*argv, "--batching-rounds", "1", "--out-dir", str(tmp_path)]) == 0
     assert seen[-1][0].batching_rounds == 1
     assert main([*argv, "--batching-rounds", "0", "--out-dir", str(tmp_path)]) == 2
+    assert default.splitfuse_rounds == 1
+    assert main([*argv, "--splitfuse-rounds", "2", "--out-dir", str(tmp_path)]) == 0
+    assert seen[-1][0].splitfuse_rounds == 2
+    assert main([*argv, "--splitfuse-rounds", "0", "--out-dir", str(tmp_path)]) == 2
     assert default.long_prompt_rate == BenchConfig.long_prompt_rate
 
 
@@ -228,6 +232,36 @@ def test_a_budget_that_leaves_the_long_prompts_no_room_is_refused_or_raised(
     assert splitfuse["budget_picked"] == 2
     assert splitfuse["chunked"]["budget"] == splitfuse["unchunked"]["budget"] == 32
     assert splitfuse["chunked"]["num_requests"] == 3
+
+
+def test_splitfuse_rounds_take_turns_and_each_mode_pools_its_rounds(
+    tiny_config: BenchConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On, off, then off, on: a slow phase of the machine falls on both modes."""
+    modes: list[bool] = []
+    run_open_loop = wl.run_open_loop
+
+    def spying(loop: EngineLoop, arrivals, streams):
+        modes.append(loop.engine.config.chunked_prefill)
+        return run_open_loop(loop, arrivals, streams)
+
+    monkeypatch.setattr(wl, "run_open_loop", spying)
+    cfg = dataclasses.replace(tiny_config, splitfuse_rounds=2)
+    splitfuse = run_serving_bench(cfg, parts=("splitfuse",))["splitfuse"]
+    assert modes == [True, False, False, True]
+    for mode in ("chunked", "unchunked"):  # 2 streams and 1 long prompt, twice
+        summary = splitfuse[mode]
+        assert summary["num_runs"] == 2 and summary["num_requests"] == 6
+        assert 0 <= summary["streams_ended_early"] <= 4
+        ttft = summary["long_prompt_ttft_s"]  # the long prompt of each round: two values
+        assert ttft["p50"] < ttft["p99"]
+    rounds = splitfuse["rounds"]
+    assert [r["first"] for r in rounds] == ["chunked", "unchunked"]
+    for r in rounds:
+        assert r["p95_itl_ratio"] == r["p95_itl_chunked_s"] / r["p95_itl_unchunked_s"]
+    assert "p95 ratio per round" in format_table({"splitfuse": splitfuse})
+    with pytest.raises(ValueError, match="splitfuse_rounds must be positive"):
+        run_serving_bench(dataclasses.replace(tiny_config, splitfuse_rounds=0), ("splitfuse",))
 
 
 def test_the_summary_counts_stalled_gaps() -> None:

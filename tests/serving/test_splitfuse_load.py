@@ -48,6 +48,14 @@ def test_each_rate_gets_its_own_comparison(splitfuse_load, tmp_path: Path, monke
         assert point["p95_ratio"] == pytest.approx(ratio)
     assert (out / "splitfuse_load.png").stat().st_size > 0
 
+    # --rounds: each rate's comparison takes turns that many times, and prints each round's ratio
+    assert splitfuse_load.main([*argv, "--rounds", "2", "--out-dir", str(out)]) == 0
+    point = json.loads((out / "splitfuse_load.json").read_text())["points"][0]
+    assert point["on"]["num_requests"] == 4 and len(point["rounds"]) == 2
+    assert "(rounds " in splitfuse_load.format_row(point)
+    with pytest.raises(SystemExit):
+        splitfuse_load.main([*argv, "--rounds", "0", "--out-dir", str(out)])
+
 
 @pytest.mark.parametrize("rates", ["0.2,x", "0,0.3", ""])
 def test_bad_rates_are_refused(splitfuse_load, rates: str, capsys) -> None:
