@@ -258,31 +258,35 @@ def splitfuse_comparison(model, tokenizer, cfg: BenchConfig) -> dict[str, Any]:
             ),
         )
 
+    def run_once(chunked: bool) -> tuple[list[wl.TimedRequest], float]:
+        nonlocal budget
+        engine = make_engine(chunked, budget)
+        if engine.budget <= len(streams):  # the engine's own pick: the next that leaves room
+            picked = results["budget_picked"] = engine.budget
+            engine.close()
+            raised = min(b for b in BUDGET_CANDIDATES if b > len(streams))
+            logger.warning(
+                "budget %d leaves no room beside %d streams; %d", picked, len(streams), raised
+            )
+            engine = make_engine(chunked, raised)
+        # Every run has one budget: it also caps the sequences running at once, and two
+        # start-up probes on this shared machine can pick different ones (32 and 64 did).
+        budget = engine.budget
+        loop = EngineLoop(engine)
+        try:
+            started = time.perf_counter()
+            timed = wl.run_open_loop(loop, arrivals, streams)
+            return timed, time.perf_counter() - started
+        finally:
+            loop.shutdown()
+
     runs: dict[bool, list[tuple[list[wl.TimedRequest], float]]] = {True: [], False: []}
     rounds = []
     for round_index in range(cfg.splitfuse_rounds):
         order = (True, False) if round_index % 2 == 0 else (False, True)
         p95 = {}
         for chunked in order:
-            engine = make_engine(chunked, budget)
-            if engine.budget <= len(streams):  # the engine's own pick: the next that leaves room
-                picked = results["budget_picked"] = engine.budget
-                engine.close()
-                raised = min(b for b in BUDGET_CANDIDATES if b > len(streams))
-                logger.warning(
-                    "budget %d leaves no room beside %d streams; %d", picked, len(streams), raised
-                )
-                engine = make_engine(chunked, raised)
-            # Every run has one budget: it also caps the sequences running at once, and two
-            # start-up probes on this shared machine can pick different ones (32 and 64 did).
-            budget = engine.budget
-            loop = EngineLoop(engine)
-            try:
-                started = time.perf_counter()
-                timed = wl.run_open_loop(loop, arrivals, streams)
-                seconds = time.perf_counter() - started
-            finally:
-                loop.shutdown()
+            timed, seconds = run_once(chunked)
             runs[chunked].append((timed, seconds))
             p95[chunked] = _summarise_timed(timed, cfg, seconds)["inter_token_s"]["p95"]
         rounds.append(
