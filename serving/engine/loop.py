@@ -164,16 +164,13 @@ class EngineLoop:
         request_id, sink = await asyncio.to_thread(
             self.submit, conversation, params, limits, request_id
         )
+        outputs = read_outputs(sink)  # each output is awaited in a worker thread
         finished = False
         try:
-            while True:
-                item = await asyncio.to_thread(sink.get)
-                if isinstance(item, BaseException):
-                    raise item
+            while not finished:  # never asks past the finished output
+                item = await asyncio.to_thread(next, outputs)
                 yield item
-                if item.finished:
-                    finished = True
-                    return
+                finished = item.finished
         finally:
             if not finished:
                 self.abort(request_id)
