@@ -206,10 +206,8 @@ def stream_reply(
     text = ""
     outputs: Iterator[RequestOutput] | None = None
     try:
-        if control is None:
-            outputs = backend.stream_outputs(conversation, params, limits)
-        else:
-            outputs = backend.stream_outputs(conversation, params, limits, control.request_id)
+        request_id = control.request_id if control is not None else None
+        outputs = backend.stream_outputs(conversation, params, limits, request_id)
         for out in outputs:
             text += out.delta
             if control is not None and control.stopped and not out.finished:
