@@ -145,6 +145,7 @@ def status_overlays(page) -> list[str]:
 def describe_page(page) -> str:
     """What a person would see that could explain a failure; saves failed.png beside the rest."""
     try:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)  # the slow test takes no other screenshot
         page.screenshot(path=str(ARTIFACTS / "failed.png"))
         seen = {
             "toasts": page.locator(".toast-body").all_inner_texts(),
